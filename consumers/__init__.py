@@ -1,0 +1,1 @@
+"""Stream consumers: dispatch, status, thumbnails."""

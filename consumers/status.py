@@ -1,0 +1,135 @@
+"""Status: worker and provider reports -> lifecycle transitions, history, notices,
+thumbnail requests.
+
+Every report is applied with a CAS fenced by attempt, so duplicates and reports from
+older attempts change nothing. A refused ``completed`` report whose image is not the
+generation's image has its stored object deleted: no orphan, never a second image.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+
+from consumers.notify import notify
+from core import lifecycle
+from core.events import GenerationRequested, JobStatus, ThumbnailRequested
+from core.lifecycle import Status
+from core.logging import get_logger
+from core.runtime import Runtime
+
+log = get_logger(__name__)
+
+
+class StatusProcessor:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.check_after = timedelta(seconds=rt.settings.local_check_s)
+
+    async def handle(self, msg: JobStatus) -> None:
+        structlog.contextvars.bind_contextvars(generation_id=str(msg.generation_id), attempt=msg.attempt)
+        if msg.state == "processing":
+            await self._processing(msg)
+        elif msg.state == "progress":
+            await self._progress(msg)
+        elif msg.state == "completed":
+            await self._completed(msg)
+        else:
+            await self._failed(msg)
+
+    async def _processing(self, msg: JobStatus) -> None:
+        row = await lifecycle.transition(
+            self.rt.pool,
+            msg.generation_id,
+            attempt=msg.attempt,
+            to=Status.PROCESSING,
+            next_check_at=lifecycle.due_in(self.check_after),
+            detail={"source": msg.source} if msg.source else None,
+        )
+        if row is not None:
+            await notify(self.rt.publisher, row, "generation.processing")
+
+    async def _progress(self, msg: JobStatus) -> None:
+        if msg.progress is None:
+            return
+        row = await lifecycle.record_progress(
+            self.rt.pool,
+            msg.generation_id,
+            attempt=msg.attempt,
+            progress=msg.progress,
+            next_check_at=lifecycle.due_in(self.check_after),
+        )
+        if row is not None:
+            await notify(self.rt.publisher, row, "generation.progress")
+
+    async def _completed(self, msg: JobStatus) -> None:
+        if not msg.image_key:
+            log.error("status.completed_without_image")
+            return
+        row = await lifecycle.transition(
+            self.rt.pool,
+            msg.generation_id,
+            attempt=msg.attempt,
+            to=Status.COMPLETED,
+            image_key=msg.image_key,
+            image_content_type=msg.content_type,
+            # Kept set until the thumbnail is attached: the reconciler asks again after it.
+            next_check_at=lifecycle.due_in(timedelta(seconds=self.rt.settings.thumbnail_grace_s)),
+            detail={"source": msg.source} if msg.source else None,
+        )
+        if row is None:
+            await self._discard_unused_image(msg)
+            return
+        log.info("generation.completed")
+        await self.rt.publisher.send(
+            self.rt.settings.keys.thumbnails,
+            ThumbnailRequested(
+                generation_id=row["id"],
+                attempt=row["attempt"],
+                user_id=row["user_id"],
+                image_key=msg.image_key,
+            ),
+        )
+        await notify(self.rt.publisher, row, "generation.completed")
+
+    async def _discard_unused_image(self, msg: JobStatus) -> None:
+        current = await self.rt.pool.fetchval(
+            "SELECT image_key FROM generations WHERE id = $1", msg.generation_id
+        )
+        if current != msg.image_key:
+            assert msg.image_key is not None
+            await self.rt.storage.delete(msg.image_key)
+            log.info("status.stale_image_deleted", image_key=msg.image_key)
+
+    async def _failed(self, msg: JobStatus) -> None:
+        pool = self.rt.pool
+        code = msg.error_code or "generation_failed"
+        message = msg.error_message or "the provider reported a failure"
+        if msg.retryable and msg.attempt < self.rt.settings.max_attempts:
+            row = await lifecycle.retry(
+                pool,
+                msg.generation_id,
+                attempt=msg.attempt,
+                allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
+                detail={"error_code": code, "error_message": message},
+                next_check_at=lifecycle.due_in(timedelta(seconds=self.rt.settings.dispatch_grace_s)),
+            )
+            if row is not None:
+                await self.rt.publisher.send(
+                    self.rt.settings.keys.requested,
+                    GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
+                )
+                await notify(self.rt.publisher, row, "generation.queued")
+                return
+        row = await lifecycle.transition(
+            pool,
+            msg.generation_id,
+            attempt=msg.attempt,
+            to=Status.FAILED,
+            error_code=code,
+            error_message=message,
+        )
+        if row is not None:
+            log.info("generation.failed", error_code=code)
+            await notify(self.rt.publisher, row, "generation.failed")

@@ -1,0 +1,1 @@
+"""gengui core: settings, logging, database, lifecycle, streams, storage, API and CLI."""

@@ -1,0 +1,59 @@
+"""The aiohttp application: routes, middleware, and the runtime it owns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from core.api.generations import routes as generation_routes
+from core.api.http import json_response, request_middleware, runtime_key
+from core.runtime import Runtime, open_runtime
+from core.settings import Settings
+
+health_routes = web.RouteTableDef()
+
+
+@health_routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@health_routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[runtime_key]
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            await rt.pool.fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"error: {type(exc).__name__}"
+    try:
+        async with asyncio.timeout(2):
+            await rt.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
+    """Build the app. With ``runtime`` given (tests, ``gengui dev``) the caller owns it."""
+    app = web.Application(middlewares=[request_middleware], client_max_size=64 * 1024)
+    app.add_routes(health_routes)
+    app.add_routes(generation_routes)
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        if runtime is not None:
+            app[runtime_key] = runtime
+            yield
+            return
+        async with open_runtime(settings) as rt:
+            app[runtime_key] = rt
+            yield
+
+    app.cleanup_ctx.append(runtime_ctx)
+    return app

@@ -1,0 +1,132 @@
+"""``/api/v1/generations``: create, list, read, image, thumbnail."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from aiohttp import web
+
+from core import generations as gens
+from core.api.http import json_response, parse_body, parse_uuid, require_user, runtime_key
+from core.errors import InvalidInput, NotFound
+from core.events import GenerationRequested
+from core.lifecycle import Status
+from core.logging import get_logger
+from core.storage import ObjectNotFound
+
+log = get_logger("gengui.api")
+routes = web.RouteTableDef()
+
+MAX_PAGE = 100
+
+
+@routes.post("/api/v1/generations")
+async def create_generation(request: web.Request) -> web.Response:
+    principal = await require_user(request)
+    rt = request.app[runtime_key]
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):
+        raise InvalidInput("Idempotency-Key must be 1..255 printable characters", code="invalid_idempotency_key")
+    body = await parse_body(request, gens.CreateGeneration)
+    s = rt.settings
+    row, created = await gens.create(
+        rt.pool,
+        principal.user_id,
+        body,
+        provider=s.default_provider,
+        idempotency_key=key,
+        dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
+        deadline=timedelta(seconds=s.generation_deadline_s),
+    )
+    if created:
+        try:
+            await rt.publisher.send(
+                s.keys.requested, GenerationRequested(generation_id=row["id"], attempt=row["attempt"])
+            )
+        except Exception as exc:
+            # The row is committed: the reconciler publishes it again after the grace period.
+            log.warning("api.publish_failed", generation_id=str(row["id"]), error=repr(exc))
+        log.info("generation.created", generation_id=str(row["id"]))
+    headers = {"Location": f"/api/v1/generations/{row['id']}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(gens.resource(row), status=202, headers=headers)
+
+
+@routes.get("/api/v1/generations")
+async def list_generations(request: web.Request) -> web.Response:
+    principal = await require_user(request)
+    q = request.query
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise InvalidInput("limit must be an integer", code="invalid_limit") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be 1..{MAX_PAGE}", code="invalid_limit")
+    status = None
+    if "status" in q:
+        try:
+            status = Status(q["status"])
+        except ValueError:
+            raise InvalidInput(
+                "status must be one of " + ", ".join(s.value for s in Status), code="invalid_status"
+            ) from None
+    rows, next_cursor = await gens.list_page(
+        request.app[runtime_key].pool, principal.user_id, limit=limit, cursor=q.get("cursor") or None, status=status
+    )
+    return json_response({"items": [gens.resource(r) for r in rows], "next_cursor": next_cursor})
+
+
+@routes.get("/api/v1/generations/latest")
+async def latest_generation(request: web.Request) -> web.Response:
+    principal = await require_user(request)
+    row = await gens.latest(request.app[runtime_key].pool, principal.user_id)
+    if row is None:
+        raise NotFound("no generations yet")
+    return json_response(gens.resource(row))
+
+
+@routes.get("/api/v1/generations/{id}")
+async def get_generation(request: web.Request) -> web.Response:
+    principal = await require_user(request)
+    row = await gens.get(request.app[runtime_key].pool, principal.user_id, parse_uuid(request.match_info["id"]))
+    if row is None:
+        raise NotFound()
+    return json_response(gens.resource(row))
+
+
+async def _serve_object(request: web.Request, column: str, content_type_column: str | None) -> web.StreamResponse:
+    principal = await require_user(request)
+    rt = request.app[runtime_key]
+    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
+    if row is None:
+        raise NotFound()
+    key = row[column]
+    if key is None:
+        raise NotFound("not ready yet", code="not_ready")
+    content_type = row[content_type_column] if content_type_column else "image/webp"
+    path = rt.storage.local_path(key)
+    if path is not None:
+        if not path.exists():
+            raise NotFound("the stored object is missing", code="object_missing")
+        return web.FileResponse(
+            path, headers={"Content-Type": content_type or "application/octet-stream", "Cache-Control": "private, max-age=31536000, immutable"}
+        )
+    url = await rt.storage.presigned_url(key, rt.settings.image_url_ttl_s)
+    if url is None:
+        try:
+            data = await rt.storage.get(key)
+        except ObjectNotFound:
+            raise NotFound("the stored object is missing", code="object_missing") from None
+        return web.Response(body=data, content_type=content_type or "application/octet-stream")
+    raise web.HTTPFound(url)
+
+
+@routes.get("/api/v1/generations/{id}/image")
+async def generation_image(request: web.Request) -> web.StreamResponse:
+    return await _serve_object(request, "image_key", "image_content_type")
+
+
+@routes.get("/api/v1/generations/{id}/thumbnail")
+async def generation_thumbnail(request: web.Request) -> web.StreamResponse:
+    return await _serve_object(request, "thumbnail_key", None)

@@ -1,0 +1,64 @@
+"""Users and API tokens.
+
+Tokens are 256 random bits shown once; only their SHA-256 is stored. A fast hash is
+right here (unlike passwords): the input has full entropy, so there is nothing to
+brute-force, and a lookup stays one indexed equality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+
+TOKEN_PREFIX = "gg_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: UUID
+    email: str
+    plan: str
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def create_user(pool: asyncpg.Pool, email: str, plan: str = "free") -> UUID:
+    user_id: UUID = await pool.fetchval(
+        "INSERT INTO users (id, email, plan) VALUES (gen_random_uuid(), lower($1), $2) RETURNING id",
+        email.strip(),
+        plan,
+    )
+    return user_id
+
+
+async def issue_token(pool: asyncpg.Pool, user_id: UUID, name: str = "default") -> str:
+    token = new_token()
+    await pool.execute(
+        "INSERT INTO api_tokens (id, user_id, token_hash, name) VALUES (gen_random_uuid(), $1, $2, $3)",
+        user_id,
+        hash_token(token),
+        name,
+    )
+    return token
+
+
+async def authenticate(pool: asyncpg.Pool, token: str) -> Principal | None:
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    row = await pool.fetchrow(
+        """SELECT u.id, u.email, u.plan FROM api_tokens t JOIN users u ON u.id = t.user_id
+            WHERE t.token_hash = $1 AND t.revoked_at IS NULL
+              AND (t.expires_at IS NULL OR t.expires_at > now())""",
+        hash_token(token),
+    )
+    return Principal(row["id"], row["email"], row["plan"]) if row else None

@@ -1,0 +1,169 @@
+"""``gengui``: one command line for every process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from core.logging import configure_logging, get_logger
+from core.settings import Settings
+
+log = get_logger("gengui.cli")
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def migrate(database_url: str) -> None:
+    """``alembic upgrade head`` against ``database_url``."""
+    from alembic import command
+
+    from core.migrations import alembic_config
+
+    command.upgrade(alembic_config(database_url), "head")
+
+
+async def _serve_api(settings: Settings, stop: asyncio.Event, runtime: object | None = None) -> None:
+    from core.api.app import create_app
+
+    app = create_app(settings, runtime)  # type: ignore[arg-type]
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api_host, settings.api_port, reuse_port=True)
+    await site.start()
+    log.info("api.listening", url=settings.base_url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _run(loops_for: str, settings: Settings, args: argparse.Namespace) -> None:
+    from core.runtime import open_runtime
+    from core.service import Loop, install_signal_handlers, run_loops
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    if loops_for == "api":
+        await _serve_api(settings, stop)
+        return
+    async with open_runtime(settings) as rt:
+        loops: dict[str, Loop] = {}
+        if loops_for == "consumers":
+            from consumers.runner import ROLES, consumer_loops
+
+            loops = consumer_loops(rt, args.only.split(",") if args.only else ROLES)
+        elif loops_for == "worker":
+            from providers.local.engines import load_engine
+            from providers.local.worker import worker_loops
+
+            loops = worker_loops(rt, load_engine(args.engine or settings.worker_engine))
+        elif loops_for == "reconciler":
+            from reconciler.loop import Reconciler
+
+            loops = {"reconciler": Reconciler(rt).run}
+        await run_loops(loops, stop)
+
+
+async def _dev(settings: Settings) -> None:
+    """Everything in one process for a newcomer: embedded servers unless URLs are set."""
+    from consumers.runner import consumer_loops
+    from core.embedded import embedded_services
+    from core.runtime import open_runtime
+    from core.service import install_signal_handlers, run_loops
+    from providers.local.engines import load_engine
+    from providers.local.worker import worker_loops
+    from reconciler.loop import Reconciler
+
+    with contextlib.ExitStack() as stack:
+        if not (settings.database_url and settings.redis_url):
+            urls = stack.enter_context(embedded_services(settings.data_dir))
+            settings = settings.model_copy(
+                update={
+                    "database_url": settings.database_url or urls.database_url,
+                    "redis_url": settings.redis_url or urls.redis_url,
+                }
+            )
+        assert settings.database_url
+        await asyncio.to_thread(migrate, settings.database_url)
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        async with open_runtime(settings) as rt:
+            loops = {
+                **consumer_loops(rt),
+                **worker_loops(rt, load_engine(settings.worker_engine)),
+                "reconciler": Reconciler(rt).run,
+                "api": lambda stop: _serve_api(settings, stop, rt),
+            }
+            print(
+                f"\n  gengui is running at {settings.base_url}\n"
+                f"  create a user:  .venv/bin/gengui users create you@example.com\n",
+                file=sys.stderr,
+                flush=True,
+            )
+            await run_loops(loops, stop)
+
+
+async def _create_user(settings: Settings, email: str, plan: str) -> str:
+    from core.auth import create_user, issue_token
+    from core.db import create_pool
+    from core.runtime import resolve_settings
+
+    settings = resolve_settings(settings)
+    assert settings.database_url
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        user_id = await create_user(pool, email, plan)
+        token = await issue_token(pool, user_id, "cli")
+    finally:
+        await pool.close()
+    print(f"created user {email} ({user_id}), plan {plan}; API token:")
+    return token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gengui", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run everything locally (embedded Postgres + Valkey unless URLs are set)")
+    sub.add_parser("api", help="the REST API")
+    consumers = sub.add_parser("consumers", help="stream consumers")
+    consumers.add_argument("--only", help="comma-separated roles: dispatch,status,thumbnails")
+    worker = sub.add_parser("worker", help="a local GPU worker")
+    worker.add_argument("--engine", help="engine name (default GENGUI_WORKER_ENGINE)")
+    sub.add_parser("reconciler", help="the recovery loops")
+    sub.add_parser("migrate", help="alembic upgrade head")
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="users_command", required=True)
+    create = users.add_parser("create", help="create a user and print an API token (last line)")
+    create.add_argument("email")
+    create.add_argument("--plan", default="free")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "dev":
+        asyncio.run(_dev(settings.model_copy(update={"log_format": settings.log_format})))
+    elif args.command in ("api", "consumers", "worker", "reconciler"):
+        asyncio.run(_run(args.command, settings, args))
+    elif args.command == "migrate":
+        from core.runtime import resolve_settings
+
+        resolved = resolve_settings(settings)
+        assert resolved.database_url
+        migrate(resolved.database_url)
+    elif args.command == "users":
+        token = asyncio.run(_create_user(settings, args.email, args.plan))
+        print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The gengui exception tree, each class mapped once to an HTTP status and a code.
+
+    GenguiError
+     ├── InvalidInput            400  (validation_error, invalid_json, ...)
+     ├── Unauthorized            401  unauthorized
+     ├── NotFound                404  not_found
+     ├── Conflict                409  (idempotency_key_reused, invalid_state, ...)
+     ├── StaleTransition         409  stale_transition — a CAS update matched no row
+     └── ProviderError                provider_error
+          ├── ProviderRetryable       retried with backoff
+          └── ProviderRejected        permanent: the generation fails
+
+A class docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GenguiError(Exception):
+    """Something went wrong."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, details: Any = None
+    ) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        if code is not None:
+            self.code = code
+        self.details = details
+        super().__init__(self.message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class InvalidInput(GenguiError):
+    """The request is not valid."""
+
+    status = 400
+    code = "validation_error"
+
+
+class Unauthorized(GenguiError):
+    """A valid bearer token is required."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(GenguiError):
+    """No such resource."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(GenguiError):
+    """The request conflicts with the resource's current state."""
+
+    status = 409
+    code = "conflict"
+
+
+class StaleTransition(Conflict):
+    """The generation is no longer in a state (or attempt) that allows this change."""
+
+    code = "stale_transition"
+
+
+class ProviderError(GenguiError):
+    """The image provider failed."""
+
+    status = 502
+    code = "provider_error"
+
+
+class ProviderRetryable(ProviderError):
+    """The provider failed in a way worth retrying."""
+
+    code = "provider_unavailable"
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the job; retrying will not help."""
+
+    code = "provider_rejected"

@@ -1,0 +1,101 @@
+"""Versioned message schemas for every stream and channel.
+
+Each message carries ``v``; a consumer rejects versions it does not know (they go to
+the dead-letter stream rather than being half-understood). On the wire a message is
+one stream field, ``__data__``, holding the JSON — the layout FastStream's Redis
+parser also reads, so FastStream tooling can consume our streams.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DATA_FIELD = b"__data__"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: Literal[1] = 1
+
+
+class GenerationRequested(Message):
+    """API or reconciler -> dispatchers: dispatch this attempt to its provider."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+
+
+class LocalJob(Message):
+    """Local provider -> GPU workers: everything a worker needs, no database access."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+    user_id: UUID
+    prompt: str
+    negative_prompt: str | None = None
+    width: int
+    height: int
+    seed: int
+    deadline_at: datetime | None = None
+
+
+JobState = Literal["processing", "progress", "completed", "failed"]
+
+
+class JobStatus(Message):
+    """Workers, providers, webhooks -> status processors."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+    state: JobState
+    progress: float | None = Field(default=None, ge=0.0, le=1.0)
+    image_key: str | None = None
+    content_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool = False
+    source: str | None = Field(default=None, description="worker id or provider name")
+
+
+class ThumbnailRequested(Message):
+    """Status processors -> thumbnailers."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+    user_id: UUID
+    image_key: str
+
+
+class DeadLetter(Message):
+    """A message that failed too often, kept with its last error for ``gengui dlq``."""
+
+    stream: str
+    group: str
+    message_id: str
+    deliveries: int
+    error: str
+    data: str
+
+
+UserEventType = Literal[
+    "generation.queued",
+    "generation.submitted",
+    "generation.processing",
+    "generation.progress",
+    "generation.completed",
+    "generation.failed",
+    "generation.cancelled",
+    "thumbnail.ready",
+]
+
+
+class UserEvent(Message):
+    """Pub/sub -> API replicas -> the user's SSE/WebSocket clients."""
+
+    type: UserEventType
+    generation: dict[str, Any]

@@ -1,0 +1,46 @@
+"""Every Redis stream, group, channel and key name gengui uses, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names under one prefix, so test runs and deployments never collide."""
+
+    prefix: str = "gengui"
+
+    @property
+    def requested(self) -> str:
+        return f"{self.prefix}:generation:requested"
+
+    @property
+    def jobs_local(self) -> str:
+        return f"{self.prefix}:jobs:local"
+
+    @property
+    def job_status(self) -> str:
+        return f"{self.prefix}:job:status"
+
+    @property
+    def thumbnails(self) -> str:
+        return f"{self.prefix}:thumbnails"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def user_channel(self, user_id: UUID | str) -> str:
+        return f"{self.prefix}:user:{user_id}"
+
+    def worker_heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+
+# Consumer groups: one per role; replicas of a role share the group.
+GROUP_DISPATCHERS = "dispatchers"
+GROUP_GPU_WORKERS = "gpu-workers"
+GROUP_STATUS = "status-processors"
+GROUP_THUMBNAILERS = "thumbnailers"

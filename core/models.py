@@ -1,0 +1,115 @@
+"""The schema, as SQLModel tables. Migrations are generated from these and checked for drift."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from core.lifecycle import NON_TERMINAL, Status
+
+_STATUS_VALUES = ", ".join(f"'{s.value}'" for s in Status)
+_NON_TERMINAL_VALUES = ", ".join(f"'{s.value}'" for s in sorted(NON_TERMINAL))
+
+
+def _now_column(**kwargs: Any) -> Any:
+    return Field(
+        default=None,
+        sa_type=sa.DateTime(timezone=True),  # type: ignore[call-overload]
+        nullable=False,
+        sa_column_kwargs={"server_default": sa.func.now(), **kwargs},
+    )
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    plan: str = Field(default="free", max_length=32, sa_column_kwargs={"server_default": "free"})
+    created_at: datetime | None = _now_column()
+
+
+class ApiToken(SQLModel, table=True):
+    """An opaque bearer token; only its SHA-256 is stored (tokens are 256-bit random)."""
+
+    __tablename__ = "api_tokens"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    token_hash: bytes = Field(sa_type=sa.LargeBinary, unique=True)  # type: ignore[call-overload]
+    name: str = Field(default="default", max_length=100)
+    created_at: datetime | None = _now_column()
+    expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+
+
+class Generation(SQLModel, table=True):
+    __tablename__ = "generations"
+    __table_args__ = (
+        sa.CheckConstraint(f"status IN ({_STATUS_VALUES})", name="generations_status_check"),
+        sa.CheckConstraint("attempt >= 1", name="generations_attempt_check"),
+        sa.UniqueConstraint("user_id", "idempotency_key", name="generations_idempotency_key"),
+        # Newest-first keyset pagination per user.
+        sa.Index("ix_generations_user_created", "user_id", sa.text("created_at DESC"), sa.text("id DESC")),
+        # The reconciler scans only live rows: its cost does not grow with finished ones.
+        sa.Index(
+            "ix_generations_next_check",
+            "next_check_at",
+            postgresql_where=sa.text(f"status IN ({_NON_TERMINAL_VALUES})"),
+        ),
+        sa.Index(
+            "ix_generations_deadline",
+            "deadline_at",
+            postgresql_where=sa.text(f"status IN ({_NON_TERMINAL_VALUES})"),
+        ),
+        sa.Index(
+            "ix_generations_thumbnail_missing",
+            "next_check_at",
+            postgresql_where=sa.text("status = 'completed' AND thumbnail_key IS NULL"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE")
+    status: str = Field(default=Status.QUEUED.value, max_length=16)
+    attempt: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    provider: str = Field(max_length=32)
+    provider_job_id: str | None = Field(default=None, max_length=200)
+    flag_rule: str | None = Field(default=None, max_length=200)
+    prompt: str = Field(sa_type=sa.Text)  # type: ignore[call-overload]
+    negative_prompt: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+    width: int
+    height: int
+    seed: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+    image_key: str | None = Field(default=None, max_length=512)
+    image_content_type: str | None = Field(default=None, max_length=64)
+    thumbnail_key: str | None = Field(default=None, max_length=512)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+    progress: float | None = Field(default=None)
+    created_at: datetime | None = _now_column()
+    updated_at: datetime | None = _now_column()
+    completed_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    next_check_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    deadline_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+
+
+class GenerationEvent(SQLModel, table=True):
+    """Append-only history: one row per accepted transition."""
+
+    __tablename__ = "generation_events"
+    __table_args__ = (sa.Index("ix_generation_events_generation", "generation_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    generation_id: uuid.UUID = Field(foreign_key="generations.id", ondelete="CASCADE")
+    attempt: int
+    status: str = Field(max_length=16)
+    detail: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
+    created_at: datetime | None = _now_column()

@@ -1,0 +1,47 @@
+"""Running several long-lived loops in one process, and stopping them well.
+
+Every loop takes the same stop ``Event``. If one loop dies, the others are stopped
+too (a process that silently lost its consumer is worse than one that exits).
+Shutdown is bounded: loops get ``grace_s`` to finish in-flight work, then are
+cancelled; unacked stream entries stay pending and are reclaimed elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+from core.logging import get_logger
+
+log = get_logger(__name__)
+
+Loop = Callable[[asyncio.Event], Awaitable[None]]
+
+
+async def run_loops(loops: dict[str, Loop], stop: asyncio.Event, *, grace_s: float = 30.0) -> None:
+    tasks = {asyncio.create_task(loop(stop), name=name): name for name, loop in loops.items()}
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stopper}:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("service.loop_died", loop=tasks[task], error=repr(task.exception()))
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            log.warning("service.loop_cancelled", loop=tasks[task], grace_s=grace_s)
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        stopper.cancel()
+    failed = [t for t in tasks if not t.cancelled() and t.exception() is not None]
+    if failed:
+        raise RuntimeError(f"loop {tasks[failed[0]]} failed") from failed[0].exception()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT ask every loop to stop; called once, by the CLI."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,310 @@
+"""Object storage for generated images: a local directory or S3 (AWS, MinIO, R2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import aioboto3
+import botocore.config
+from botocore.exceptions import ClientError
+
+# Local temp files live beside their target so os.replace stays a same-filesystem rename.
+_TMP_PREFIX = ".tmp-"
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+class ObjectNotFound(KeyError):
+    """No object is stored under this key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"object not found: {self.key!r}"
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A flat key -> bytes store; keys are '/'-separated relative paths."""
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store `data` atomically, replacing any object under `key`."""
+
+    async def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFound when missing."""
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; a missing key is not an error."""
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key starting with `prefix` (plain string prefix), sorted."""
+
+    async def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """A time-limited public GET URL, or None when the API must stream it."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The file backing `key` for direct streaming, or None if not on disk."""
+
+    async def close(self) -> None: ...
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe relative key, else raise ValueError."""
+    if not key:
+        raise ValueError("storage key is empty")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"storage key has a NUL or backslash: {key!r}")
+    if key.startswith("/"):
+        raise ValueError(f"storage key is absolute: {key!r}")
+    # Empty and '.' segments are rejected too: S3 would keep them verbatim while a
+    # filesystem collapses them, so the two backends would disagree on the key.
+    if any(seg in ("", ".", "..") for seg in key.split("/")):
+        raise ValueError(f"storage key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def _validate_prefix(prefix: str) -> str:
+    # A prefix may be "" or end with "/" (a "directory"); otherwise it obeys key rules.
+    if prefix:
+        validate_key(prefix.removesuffix("/"))
+    return prefix
+
+
+# Keys carry the attempt: a late result of an older attempt can never overwrite the
+# image of a newer one, and the status consumer deletes such a refused object by key.
+def original_key(
+    user_id: uuid.UUID | str, generation_id: uuid.UUID | str, attempt: int, ext: str
+) -> str:
+    """Key of a generation's full-size image."""
+    return validate_key(f"users/{user_id}/generations/{generation_id}/{attempt}/original.{ext}")
+
+
+def thumbnail_key(user_id: uuid.UUID | str, generation_id: uuid.UUID | str, attempt: int) -> str:
+    """Key of a generation's 128px WebP thumbnail."""
+    return validate_key(f"users/{user_id}/generations/{generation_id}/{attempt}/thumb-128.webp")
+
+
+class LocalStorage:
+    """Objects as files under `root`; blocking I/O runs in worker threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        if key.rsplit("/", 1)[-1].startswith(_TMP_PREFIX):
+            raise ValueError(f"storage key collides with temp file names: {key!r}")
+        # resolve() follows symlinks, so a link inside root pointing out is caught too.
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"storage key escapes the storage root: {key!r}")
+        return path
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                # mkstemp creates 0600; objects should read like any other file.
+                os.fchmod(f.fileno(), 0o644)
+                f.write(data)
+                f.flush()
+                # Without fsync a crash after the rename can leave an empty file.
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        # Persist the rename itself (the directory entry).
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        # content_type is not stored: the API derives it from the key's extension.
+        await asyncio.to_thread(self._write, self._path(key), data)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).is_file)
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def unlink() -> None:
+            # A directory is only a key prefix, never an object: nothing to delete.
+            if not path.is_dir():
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(unlink)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        _validate_prefix(prefix)
+        # Walk only the deepest directory the prefix names, not the whole tree.
+        base = self.root / prefix.rpartition("/")[0]
+
+        def walk() -> list[str]:
+            # os.walk follows a symlinked top dir; never list names from outside root.
+            if not base.resolve().is_relative_to(self.root):
+                return []
+            keys: list[str] = []
+            for dirpath, _dirs, files in os.walk(base):
+                rel = Path(dirpath).relative_to(self.root)
+                for name in files:
+                    if name.startswith(_TMP_PREFIX):
+                        continue
+                    key = (rel / name).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+            return sorted(keys)
+
+        return await asyncio.to_thread(walk)
+
+    async def presigned_url(self, key: str, expires_s: int) -> str | None:
+        validate_key(key)
+        return None
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    async def close(self) -> None:
+        return None
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Storage:
+    """Objects in one S3 bucket through a single long-lived aioboto3 client."""
+
+    def __init__(
+        self, bucket: str, client: Any, presigner: Any, stack: contextlib.AsyncExitStack
+    ) -> None:
+        self.bucket = bucket
+        self._client = client
+        self._presigner = presigner
+        self._stack = stack
+
+    @classmethod
+    async def create(
+        cls,
+        bucket: str,
+        endpoint_url: str | None,
+        public_endpoint_url: str | None,
+        region: str,
+        access_key_id: str | None,
+        secret_access_key: str | None,
+        create_bucket: bool = False,
+    ) -> S3Storage:
+        """Open the clients (and the bucket, if asked); call close() when done."""
+        session = aioboto3.Session(
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=region,
+        )
+        config = botocore.config.Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            # botocore >=1.36 sends CRC checksums that MinIO/R2 versions may reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                session.client("s3", endpoint_url=endpoint_url, config=config)
+            )
+            presigner = client
+            # The host is signed, so URLs for browsers need a client on the public host.
+            if public_endpoint_url and public_endpoint_url != endpoint_url:
+                presigner = await stack.enter_async_context(
+                    session.client("s3", endpoint_url=public_endpoint_url, config=config)
+                )
+            storage = cls(bucket, client, presigner, stack)
+            if create_bucket:
+                await storage._create_bucket(region)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return storage
+
+    async def _create_bucket(self, region: str) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        # us-east-1 is the default location and rejects an explicit constraint.
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            await self._client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        # A PUT is atomic in S3: readers see the old object or the new one.
+        await self._client.put_object(
+            Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type
+        )
+
+    async def get(self, key: str) -> bytes:
+        try:
+            obj = await self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                raise ObjectNotFound(key) from None
+            raise
+        async with obj["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=validate_key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return False
+            raise
+        return True
+
+    async def delete(self, key: str) -> None:
+        await self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=_validate_prefix(prefix)):
+            keys.extend(str(item["Key"]) for item in page.get("Contents", []))
+        return sorted(keys)
+
+    async def presigned_url(self, key: str, expires_s: int) -> str | None:
+        url: str = await self._presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": validate_key(key)},
+            ExpiresIn=expires_s,
+        )
+        return url
+
+    def local_path(self, key: str) -> Path | None:
+        validate_key(key)
+        return None
+
+    async def close(self) -> None:
+        await self._stack.aclose()

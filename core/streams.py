@@ -1,0 +1,229 @@
+"""Redis Streams wiring: a shared pool for commands and publishing, dedicated connections
+for blocking reads, and the consumer loop every stream consumer runs.
+
+Why our own loop rather than FastStream's subscribers (measured on FastStream 0.7.8):
+its subscribers share the publishers' pool, a deleted group (``FLUSHALL``, a Redis
+restart without persistence) stops a subscriber for good, its reclaimer claims one
+entry per round trip, and per-message handling tops out near 2k msg/s where one
+``XREADGROUP COUNT n`` + one ``XACK`` per batch drains ~50x more. The wire format
+stays FastStream-compatible (JSON in ``__data__``).
+
+The loop gives at-least-once delivery: an entry is acked only after its handler
+returned; a failure leaves it pending; pending entries idle past ``reclaim_idle_ms``
+are claimed again, and one delivered ``max_deliveries`` times goes to the dead-letter
+stream with its last error. Handlers must therefore be idempotent (lifecycle CAS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, NewType, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.events import DATA_FIELD, DeadLetter, Message, UserEvent
+from core.keys import Keys
+from core.logging import get_logger
+
+log = get_logger(__name__)
+
+# Two kinds of client, kept apart by type: a blocking read parks its connection for
+# the whole BLOCK, so it must never sit on the pool that publishers wait on.
+SharedRedis = NewType("SharedRedis", aioredis.Redis)
+DedicatedRedis = NewType("DedicatedRedis", aioredis.Redis)
+
+M = TypeVar("M", bound=Message)
+
+
+def shared_client(url: str, *, max_connections: int = 64) -> SharedRedis:
+    """A client on a blocking pool: past ``max_connections`` callers wait, never fail."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, health_check_interval=30
+    )
+    return SharedRedis(aioredis.Redis.from_pool(pool))
+
+
+def dedicated_client(url: str) -> DedicatedRedis:
+    """A client with exactly one connection, for one blocking reader or subscriber."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=None)
+    return DedicatedRedis(aioredis.Redis.from_pool(pool))
+
+
+def encode(message: Message) -> dict[bytes, bytes]:
+    return {DATA_FIELD: message.model_dump_json().encode()}
+
+
+class Publisher:
+    """Writes messages to streams and notices to user channels over the shared pool."""
+
+    def __init__(self, redis: SharedRedis, keys: Keys, *, maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+
+    async def send(self, stream: str, message: Message) -> bytes:
+        entry_id: bytes = await self.redis.xadd(
+            stream, encode(message), maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
+        )
+        return entry_id
+
+    async def send_many(self, stream: str, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message in messages:
+                pipe.xadd(stream, encode(message), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def notify(self, user_id: Any, event: UserEvent) -> None:
+        await self.redis.publish(self.keys.user_channel(user_id), event.model_dump_json())
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    stream: str
+    group: str
+    consumer: str
+    batch: int = 100
+    block_ms: int = 1000
+    concurrency: int = 16
+    reclaim_idle_ms: int = 60_000
+    reclaim_interval_s: float = 5.0
+    max_deliveries: int = 5
+    dead_stream: str = "gengui:dead"
+
+
+Handler = Callable[[M], Awaitable[None]]
+
+
+@dataclass
+class StreamConsumer(Generic[M]):
+    """Reads a stream as one member of a consumer group and runs ``handler`` per message."""
+
+    reader: DedicatedRedis
+    ops: SharedRedis
+    config: ConsumerConfig
+    schema: type[M]
+    handler: Handler[M]
+    _last_error: dict[bytes, str] = field(default_factory=dict)
+
+    async def ensure_group(self) -> None:
+        # From "0", not "$": entries added while the group was missing (after a
+        # FLUSHALL) are still read; handlers are idempotent, so a re-read is harmless.
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.ops.xgroup_create(self.config.stream, self.config.group, id="0", mkstream=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        await self.ensure_group()
+        log.info("consumer.started", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
+        next_reclaim = 0.0
+        backoff_s = 0.1
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_reclaim:
+                    await self.reclaim()
+                    next_reclaim = time.monotonic() + cfg.reclaim_interval_s
+                response = await self.reader.xreadgroup(
+                    cfg.group, cfg.consumer, {cfg.stream: ">"}, count=cfg.batch, block=cfg.block_ms
+                )
+                backoff_s = 0.1
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group vanished (FLUSHALL, restart): make it again.
+                log.warning("consumer.group_recreated", stream=cfg.stream, group=cfg.group)
+                await self.ensure_group()
+                continue
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("consumer.redis_unavailable", stream=cfg.stream, error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            entries = [entry for _, stream_entries in response for entry in stream_entries]
+            if entries:
+                await self.process(entries)
+        log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
+
+    async def process(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
+        """Handle a batch: bounded concurrency, one XACK for everything that succeeded."""
+        cfg = self.config
+        sem = asyncio.Semaphore(cfg.concurrency)
+        done: list[bytes] = []
+
+        async def one(entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+            raw = (fields or {}).get(DATA_FIELD, b"")
+            try:
+                message = self.schema.model_validate_json(raw)
+            except ValidationError as exc:
+                # Poison: no retry can fix it.
+                await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
+                return
+            async with sem:
+                try:
+                    await self.handler(message)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._last_error[entry_id] = repr(exc)
+                    log.exception("consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode())
+                    return
+            self._last_error.pop(entry_id, None)
+            done.append(entry_id)
+
+        await asyncio.gather(*(one(entry_id, fields) for entry_id, fields in entries))
+        if done:
+            await self.ops.xack(cfg.stream, cfg.group, *done)
+
+    async def reclaim(self) -> None:
+        """Claim entries whose consumer died or failed; dead-letter the hopeless ones."""
+        cfg = self.config
+        pending = await self.ops.xpending_range(
+            cfg.stream, cfg.group, min="-", max="+", count=cfg.batch, idle=cfg.reclaim_idle_ms
+        )
+        if not pending:
+            return
+        ids = [p["message_id"] for p in pending]
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        # XCLAIM re-checks idleness, so two reclaiming replicas never both win an entry.
+        claimed = await self.ops.xclaim(
+            cfg.stream, cfg.group, cfg.consumer, min_idle_time=cfg.reclaim_idle_ms, message_ids=ids
+        )
+        retry: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        for entry_id, fields in claimed:
+            if fields is None:
+                continue
+            if deliveries.get(entry_id, 0) >= cfg.max_deliveries:
+                error = self._last_error.pop(entry_id, "handler failed or consumer died")
+                raw = fields.get(DATA_FIELD, b"")
+                await self.dead_letter(entry_id, raw, deliveries=deliveries[entry_id], error=error)
+            else:
+                retry.append((entry_id, fields))
+        if retry:
+            log.info("consumer.reclaimed", stream=cfg.stream, count=len(retry))
+            await self.process(retry)
+
+    async def dead_letter(self, entry_id: bytes, raw: bytes, *, deliveries: int, error: str) -> None:
+        cfg = self.config
+        letter = DeadLetter(
+            stream=cfg.stream,
+            group=cfg.group,
+            message_id=entry_id.decode(),
+            deliveries=deliveries,
+            error=error[:2000],
+            data=raw.decode(errors="replace"),
+        )
+        async with self.ops.pipeline(transaction=True) as pipe:
+            pipe.xadd(cfg.dead_stream, encode(letter))  # type: ignore[arg-type]
+            pipe.xack(cfg.stream, cfg.group, entry_id)
+            await pipe.execute()
+        log.error("consumer.dead_lettered", stream=cfg.stream, entry_id=entry_id.decode(), error=error[:200])

@@ -1,0 +1,1 @@
+"""Image providers: one Protocol, one adapter per upstream."""

@@ -1,0 +1,1 @@
+"""The local provider: jobs on a Redis stream, taken by ``gengui worker`` processes."""

@@ -1,0 +1,126 @@
+"""Placeholder engine for development and tests. This is NOT AI image generation.
+
+It draws a deterministic abstract picture (gradient, circles, rectangles and
+the start of the prompt) derived from a hash of prompt, negative prompt and
+seed, so the whole pipeline can run without a GPU or a model. Same inputs give
+byte-identical PNGs for a given Pillow/zlib build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from typing import Final
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["MAX_SIDE", "render_placeholder"]
+
+# Big enough for any real generation size, small enough that a bad request
+# cannot make a dev box allocate gigabytes.
+MAX_SIDE: Final = 8192
+
+_CAPTION_CHARS: Final = 40
+
+Colour = tuple[int, int, int]
+
+
+def _digest(prompt: str, negative_prompt: str | None, seed: int) -> bytes:
+    # JSON framing instead of "a:b:c" so a ':' inside a prompt cannot make two
+    # different inputs hash the same.
+    payload = json.dumps([seed, prompt, negative_prompt], ensure_ascii=False)
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=32).digest()
+
+
+def _palette(digest: bytes) -> list[Colour]:
+    """Four colours read straight from the hash bytes."""
+    return [(digest[i], digest[i + 1], digest[i + 2]) for i in range(0, 12, 3)]
+
+
+def _background(
+    width: int, height: int, start: Colour, end: Colour, rng: random.Random
+) -> Image.Image:
+    """Two-colour linear gradient built in C, no per-pixel Python."""
+    # linear_gradient is a 256x256 ramp; stretching it is far cheaper than
+    # drawing one line per row at large sizes.
+    mask = Image.linear_gradient("L")
+    mask = mask.transpose(
+        rng.choice(
+            [
+                Image.Transpose.ROTATE_90,
+                Image.Transpose.ROTATE_180,
+                Image.Transpose.ROTATE_270,
+                Image.Transpose.FLIP_LEFT_RIGHT,
+            ]
+        )
+    )
+    mask = mask.resize((width, height), Image.Resampling.BILINEAR)
+    return Image.composite(
+        Image.new("RGB", (width, height), end), Image.new("RGB", (width, height), start), mask
+    )
+
+
+def _shapes(
+    draw: ImageDraw.ImageDraw, width: int, height: int, palette: list[Colour], rng: random.Random
+) -> None:
+    """A handful of translucent circles and rectangles."""
+    short = min(width, height)
+    for _ in range(rng.randint(4, 8)):
+        r, g, b = rng.choice(palette)
+        fill = (r, g, b, rng.randint(90, 200))
+        cx, cy = rng.randrange(width), rng.randrange(height)
+        half = max(1, int(short * rng.uniform(0.05, 0.25)))
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.rectangle(box, fill=fill)
+
+
+def _caption(draw: ImageDraw.ImageDraw, width: int, height: int, prompt: str) -> None:
+    """Write the start of the prompt in the bottom-left corner."""
+    text = " ".join(prompt.split())[:_CAPTION_CHARS]
+    if not text:
+        return
+    size = max(8, min(width, height) // 24)
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        # The bitmap fallback font (Pillow without FreeType) is Latin-1 only.
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    margin = max(2, size // 2)
+    # No anchor= here: the bitmap fallback font does not support anchors.
+    text_height = draw.textbbox((0, 0), text, font=font)[3]
+    origin = (margin, height - margin - text_height)
+    # Glyphs missing from the bundled font (CJK, emoji) render as boxes rather
+    # than failing, which is fine for a placeholder.
+    left, top, right, bottom = draw.textbbox(origin, text, font=font)
+    pad = max(1, size // 4)
+    draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=(0, 0, 0, 140))
+    draw.text(origin, text, font=font, fill=(255, 255, 255, 255))
+
+
+def render_placeholder(
+    prompt: str,
+    negative_prompt: str | None,
+    width: int,
+    height: int,
+    seed: int,
+) -> bytes:
+    """Draw a deterministic non-AI picture of ``width`` x ``height``; return PNG bytes."""
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise ValueError(f"width and height must be within 1..{MAX_SIDE}")
+    digest = _digest(prompt, negative_prompt, seed)
+    rng = random.Random(int.from_bytes(digest[12:20], "big"))
+    palette = _palette(digest)
+    image = _background(width, height, palette[0], palette[1], rng)
+    # An RGBA draw context on an RGB image alpha-blends each shape directly,
+    # avoiding a full-size overlay + alpha_composite pass.
+    draw = ImageDraw.Draw(image, "RGBA")
+    _shapes(draw, width, height, palette[2:] + palette[:1], rng)
+    _caption(draw, width, height, prompt)
+    out = io.BytesIO()
+    # compress_level=1: placeholder PNGs are throwaway; speed beats size.
+    image.save(out, "PNG", compress_level=1)
+    return out.getvalue()

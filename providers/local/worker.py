@@ -1,0 +1,107 @@
+"""``gengui worker``: takes jobs from ``gengui:jobs:local``, runs an engine, stores the
+image, reports ``processing`` then ``completed`` (or ``failed``) on ``gengui:job:status``.
+
+A worker needs Redis and the object store, never the database. It heartbeats a key
+with a TTL so the reconciler can tell a slow job from a dead worker. On stop it
+finishes the job in hand; entries it had not started stay pending and are reclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import structlog
+
+from core.events import JobStatus, LocalJob
+from core.imaging import ImageRejected, sniff_image
+from core.keys import GROUP_GPU_WORKERS
+from core.logging import get_logger
+from core.runtime import Runtime, consumer_name
+from core.service import Loop
+from core.storage import original_key
+from core.streams import StreamConsumer, dedicated_client
+from providers.local.engines import Engine
+
+log = get_logger(__name__)
+
+
+class Worker:
+    def __init__(self, rt: Runtime, engine: Engine) -> None:
+        self.rt = rt
+        self.engine = engine
+        self.worker_id = consumer_name("worker")
+
+    async def _report(self, job: LocalJob, **fields: object) -> None:
+        message = JobStatus(
+            generation_id=job.generation_id, attempt=job.attempt, source=self.worker_id, **fields  # type: ignore[arg-type]
+        )
+        await self.rt.publisher.send(self.rt.settings.keys.job_status, message)
+
+    async def handle(self, job: LocalJob) -> None:
+        structlog.contextvars.bind_contextvars(generation_id=str(job.generation_id), attempt=job.attempt)
+        if job.deadline_at is not None and job.deadline_at <= datetime.now(UTC):
+            await self._report(job, state="failed", error_code="timed_out", error_message="deadline passed before the job started")
+            return
+        await self._report(job, state="processing")
+        loop = asyncio.get_running_loop()
+
+        def progress(fraction: float) -> None:
+            # Called from the engine's thread.
+            asyncio.run_coroutine_threadsafe(self._report(job, state="progress", progress=fraction), loop)
+
+        try:
+            data = await asyncio.to_thread(self.engine.generate, job, progress)
+            ext, content_type = sniff_image(data)
+        except ImageRejected as exc:
+            await self._report(job, state="failed", error_code=exc.code, error_message=str(exc))
+            return
+        except Exception as exc:
+            log.exception("worker.engine_failed")
+            await self._report(job, state="failed", error_code="engine_error", error_message=repr(exc)[:500], retryable=True)
+            return
+        key = original_key(job.user_id, job.generation_id, job.attempt, ext)
+        await self.rt.storage.put(key, data, content_type)
+        await self._report(job, state="completed", image_key=key, content_type=content_type)
+        log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        key = self.rt.settings.keys.worker_heartbeat(self.worker_id)
+        interval = self.rt.settings.worker_heartbeat_s
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                await self.rt.redis.set(key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        with contextlib.suppress(Exception):
+            await self.rt.redis.delete(key)
+
+
+def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
+    worker = Worker(rt, engine)
+    n = rt.settings.worker_concurrency
+    consumer = StreamConsumer(
+        dedicated_client(rt.redis_url),
+        rt.redis,
+        # Take only as many jobs as we run at once: the rest stay for other workers.
+        rt.consumer_config(
+            rt.settings.keys.jobs_local,
+            GROUP_GPU_WORKERS,
+            "worker",
+            batch=n,
+            concurrency=n,
+            # A job may run for minutes; only one silent this long is taken over.
+            reclaim_idle_ms=int(rt.settings.local_check_s * 1000),
+        ),
+        LocalJob,
+        worker.handle,
+    )
+
+    async def consume(stop: asyncio.Event) -> None:
+        try:
+            await consumer.run(stop)
+        finally:
+            await consumer.reader.aclose()
+
+    return {"worker:consume": consume, "worker:heartbeat": worker.heartbeat}
