@@ -21,7 +21,7 @@ MAX_SEED = 2**32 - 1
 class CreateGeneration(BaseModel):
     """Body of ``POST /api/v1/generations``."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str | None = Field(default=None, max_length=4000)

@@ -1,0 +1,123 @@
+"""The whole path on real Postgres + Redis: API -> dispatch -> worker -> status -> thumbnail."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+from PIL import Image
+
+from core import lifecycle
+from core.events import JobStatus
+from core.lifecycle import Status
+from core.runtime import Runtime
+from core.storage import original_key
+from tests.conftest import UserAuth, wait_for_status
+
+BODY = {"prompt": "a lighthouse at dusk", "width": 512, "height": 384, "seed": 7}
+
+
+async def test_generation_reaches_completed_with_image_and_thumbnail(client, alice: UserAuth, rt: Runtime, pipeline) -> None:
+    resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+    assert resp.status == 202
+    created = await resp.json()
+    assert created["status"] == "queued"
+    assert created["seed"] == 7 and created["attempt"] == 1 and created["provider"] == "local"
+
+    done = await wait_for_status(client, alice, created["id"], {"completed"}, need_thumbnail=True)
+    assert done["error"] is None and done["completed_at"] is not None
+    assert done["image_url"] == f"/api/v1/generations/{created['id']}/image"
+
+    image = await client.get(done["image_url"], headers=alice.headers)
+    assert image.status == 200 and image.content_type == "image/png"
+    assert Image.open(io.BytesIO(await image.read())).size == (512, 384)
+
+    thumb = await client.get(done["thumbnail_url"], headers=alice.headers)
+    assert thumb.status == 200
+    im = Image.open(io.BytesIO(await thumb.read()))
+    assert im.format == "WEBP" and max(im.size) == 128
+
+    history = await rt.pool.fetch(
+        "SELECT status FROM generation_events WHERE generation_id = $1 ORDER BY id", uuid.UUID(created["id"])
+    )
+    assert [r["status"] for r in history] == ["queued", "submitted", "processing", "completed"]
+
+
+async def _queued_generation(rt: Runtime, user: UserAuth) -> uuid.UUID:
+    gid: uuid.UUID = await rt.pool.fetchval(
+        """INSERT INTO generations (id, user_id, status, provider, prompt, width, height, seed)
+           VALUES (gen_random_uuid(), $1, 'queued', 'local', 'p', 512, 512, 1) RETURNING id""",
+        user.user_id,
+    )
+    return gid
+
+
+async def test_duplicated_status_message_changes_nothing(rt: Runtime, alice: UserAuth) -> None:
+    from consumers.status import StatusProcessor
+
+    gid = await _queued_generation(rt, alice)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    key = original_key(alice.user_id, gid, 1, "png")
+    await rt.storage.put(key, b"\x89PNG fake", "image/png")
+    done = JobStatus(generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png")
+    processor = StatusProcessor(rt)
+    await processor.handle(done)
+    first = await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
+    await processor.handle(done)
+    await processor.handle(JobStatus(generation_id=gid, attempt=1, state="processing"))
+    again = await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
+    assert first["status"] == "completed"
+    assert dict(again) == dict(first)
+    assert await rt.storage.exists(key), "a duplicate must not delete the generation's own image"
+    events = await rt.pool.fetchval("SELECT count(*) FROM generation_events WHERE generation_id = $1", gid)
+    assert events == 2  # submitted, completed — nothing from the duplicates
+    thumbs = await rt.redis.xlen(rt.settings.keys.thumbnails)
+    assert thumbs == 1
+
+
+async def test_status_for_older_attempt_is_ignored_and_its_image_deleted(rt: Runtime, alice: UserAuth) -> None:
+    from consumers.status import StatusProcessor
+
+    gid = await _queued_generation(rt, alice)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    assert await lifecycle.retry(rt.pool, gid, attempt=1)  # attempt 2 now, queued
+    assert await lifecycle.transition(rt.pool, gid, attempt=2, to=Status.SUBMITTED)
+    stale_key = original_key(alice.user_id, gid, 1, "png")
+    await rt.storage.put(stale_key, b"old", "image/png")
+    await StatusProcessor(rt).handle(
+        JobStatus(generation_id=gid, attempt=1, state="completed", image_key=stale_key, content_type="image/png")
+    )
+    row = await rt.pool.fetchrow("SELECT status, attempt, image_key FROM generations WHERE id = $1", gid)
+    assert (row["status"], row["attempt"], row["image_key"]) == ("submitted", 2, None)
+    assert not await rt.storage.exists(stale_key)
+
+
+async def test_late_result_for_cancelled_generation_leaves_no_image(rt: Runtime, alice: UserAuth) -> None:
+    from consumers.status import StatusProcessor
+
+    gid = await _queued_generation(rt, alice)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.CANCELLED)
+    key = original_key(alice.user_id, gid, 1, "png")
+    await rt.storage.put(key, b"late", "image/png")
+    await StatusProcessor(rt).handle(
+        JobStatus(generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png")
+    )
+    assert await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", gid) == "cancelled"
+    assert await rt.storage.list_keys(f"users/{alice.user_id}/") == []
+
+
+async def test_retryable_failure_starts_a_new_attempt_then_fails_after_the_last(rt: Runtime, alice: UserAuth) -> None:
+    from consumers.status import StatusProcessor
+
+    gid = await _queued_generation(rt, alice)
+    processor = StatusProcessor(rt)
+    for attempt in range(1, rt.settings.max_attempts + 1):
+        assert await lifecycle.transition(rt.pool, gid, attempt=attempt, to=Status.SUBMITTED)
+        await processor.handle(
+            JobStatus(generation_id=gid, attempt=attempt, state="failed", error_code="oom", retryable=True)
+        )
+    row = await rt.pool.fetchrow("SELECT status, attempt, error_code FROM generations WHERE id = $1", gid)
+    assert (row["status"], row["attempt"], row["error_code"]) == ("failed", rt.settings.max_attempts, "oom")
+    requested = await rt.redis.xlen(rt.settings.keys.requested)
+    assert requested == rt.settings.max_attempts - 1
