@@ -13,25 +13,29 @@ from datetime import timedelta
 
 import structlog
 
+from consumers.notify import notify
 from core import lifecycle
 from core.events import GenerationRequested
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.runtime import Runtime
-from consumers.notify import notify
 from providers.base import Job, Provider, classify
 
 log = get_logger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, rt: Runtime, providers: Mapping[str, Provider], check_after: timedelta) -> None:
+    def __init__(
+        self, rt: Runtime, providers: Mapping[str, Provider], check_after: timedelta
+    ) -> None:
         self.rt = rt
         self.providers = providers
         self.check_after = check_after
 
     async def handle(self, msg: GenerationRequested) -> None:
-        structlog.contextvars.bind_contextvars(generation_id=str(msg.generation_id), attempt=msg.attempt)
+        structlog.contextvars.bind_contextvars(
+            generation_id=str(msg.generation_id), attempt=msg.attempt
+        )
         pool = self.rt.pool
         row = await pool.fetchrow(
             "SELECT provider FROM generations WHERE id = $1 AND attempt = $2 AND status = 'queued'",

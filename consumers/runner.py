@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from consumers.dispatch import Dispatcher
 from consumers.status import StatusProcessor
@@ -29,7 +30,7 @@ def consumer_loops(rt: Runtime, roles: Iterable[str] = ROLES) -> dict[str, Loop]
     keys = rt.settings.keys
     loops: dict[str, Loop] = {}
     for role in roles:
-        consumer: StreamConsumer  # type: ignore[type-arg]
+        consumer: StreamConsumer[Any]
         if role == "dispatch":
             dispatcher = Dispatcher(
                 rt, build_providers(rt), timedelta(seconds=rt.settings.local_check_s)
@@ -64,7 +65,7 @@ def consumer_loops(rt: Runtime, roles: Iterable[str] = ROLES) -> dict[str, Loop]
     return loops
 
 
-def _owning(consumer: StreamConsumer) -> Loop:  # type: ignore[type-arg]
+def _owning(consumer: StreamConsumer[Any]) -> Loop:
     async def run(stop: asyncio.Event) -> None:
         try:
             await consumer.run(stop)

@@ -28,7 +28,9 @@ class StatusProcessor:
         self.check_after = timedelta(seconds=rt.settings.local_check_s)
 
     async def handle(self, msg: JobStatus) -> None:
-        structlog.contextvars.bind_contextvars(generation_id=str(msg.generation_id), attempt=msg.attempt)
+        structlog.contextvars.bind_contextvars(
+            generation_id=str(msg.generation_id), attempt=msg.attempt
+        )
         if msg.state == "processing":
             await self._processing(msg)
         elif msg.state == "progress":
@@ -113,7 +115,9 @@ class StatusProcessor:
                 attempt=msg.attempt,
                 allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
                 detail={"error_code": code, "error_message": message},
-                next_check_at=lifecycle.due_in(timedelta(seconds=self.rt.settings.dispatch_grace_s)),
+                next_check_at=lifecycle.due_in(
+                    timedelta(seconds=self.rt.settings.dispatch_grace_s)
+                ),
             )
             if row is not None:
                 await self.rt.publisher.send(

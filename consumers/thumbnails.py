@@ -26,12 +26,16 @@ class Thumbnailer:
         self.rt = rt
 
     async def handle(self, msg: ThumbnailRequested) -> None:
-        structlog.contextvars.bind_contextvars(generation_id=str(msg.generation_id), attempt=msg.attempt)
+        structlog.contextvars.bind_contextvars(
+            generation_id=str(msg.generation_id), attempt=msg.attempt
+        )
         rt = self.rt
         try:
             data = await rt.storage.get(msg.image_key)
         except ObjectNotFound:
-            current = await rt.pool.fetchval("SELECT image_key FROM generations WHERE id = $1", msg.generation_id)
+            current = await rt.pool.fetchval(
+                "SELECT image_key FROM generations WHERE id = $1", msg.generation_id
+            )
             if current != msg.image_key:
                 return  # stale request: that image is gone for good reason
             raise

@@ -34,7 +34,8 @@ def hash_token(token: str) -> bytes:
 
 async def create_user(pool: asyncpg.Pool, email: str, plan: str = "free") -> UUID:
     user_id: UUID = await pool.fetchval(
-        "INSERT INTO users (id, email, plan) VALUES (gen_random_uuid(), lower($1), $2) RETURNING id",
+        """INSERT INTO users (id, email, plan) VALUES (gen_random_uuid(), lower($1), $2)
+           RETURNING id""",
         email.strip(),
         plan,
     )
@@ -44,7 +45,8 @@ async def create_user(pool: asyncpg.Pool, email: str, plan: str = "free") -> UUI
 async def issue_token(pool: asyncpg.Pool, user_id: UUID, name: str = "default") -> str:
     token = new_token()
     await pool.execute(
-        "INSERT INTO api_tokens (id, user_id, token_hash, name) VALUES (gen_random_uuid(), $1, $2, $3)",
+        """INSERT INTO api_tokens (id, user_id, token_hash, name)
+           VALUES (gen_random_uuid(), $1, $2, $3)""",
         user_id,
         hash_token(token),
         name,

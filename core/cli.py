@@ -29,7 +29,9 @@ def migrate(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
-async def _serve_api(settings: Settings, stop: asyncio.Event, runtime: object | None = None) -> None:
+async def _serve_api(
+    settings: Settings, stop: asyncio.Event, runtime: object | None = None
+) -> None:
     from core.api.app import create_app
 
     app = create_app(settings, runtime)  # type: ignore[arg-type]
@@ -130,7 +132,9 @@ async def _create_user(settings: Settings, email: str, plan: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gengui", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="run everything locally (embedded Postgres + Valkey unless URLs are set)")
+    sub.add_parser(
+        "dev", help="run everything locally (embedded Postgres + Valkey unless URLs are set)"
+    )
     sub.add_parser("api", help="the REST API")
     consumers = sub.add_parser("consumers", help="stream consumers")
     consumers.add_argument("--only", help="comma-separated roles: dispatch,status,thumbnails")
@@ -138,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--engine", help="engine name (default GENGUI_WORKER_ENGINE)")
     sub.add_parser("reconciler", help="the recovery loops")
     sub.add_parser("migrate", help="alembic upgrade head")
-    users = sub.add_parser("users", help="manage users").add_subparsers(dest="users_command", required=True)
+    users = sub.add_parser("users", help="manage users").add_subparsers(
+        dest="users_command", required=True
+    )
     create = users.add_parser("create", help="create a user and print an API token (last line)")
     create.add_argument("email")
     create.add_argument("--plan", default="free")

@@ -134,7 +134,9 @@ async def retry(
     if not allowed_from <= TRANSITIONS[Status.QUEUED]:
         raise ValueError(f"retry is not allowed from {sorted(allowed_from)}")
     fields = {"provider_job_id": None, "progress": None, **fields}
-    return await _run(conn, generation_id, attempt, Status.QUEUED, allowed_from, detail, fields, True)
+    return await _run(
+        conn, generation_id, attempt, Status.QUEUED, allowed_from, detail, fields, True
+    )
 
 
 async def _run(

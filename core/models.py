@@ -19,7 +19,7 @@ _NON_TERMINAL_VALUES = ", ".join(f"'{s.value}'" for s in sorted(NON_TERMINAL))
 def _now_column(**kwargs: Any) -> Any:
     return Field(
         default=None,
-        sa_type=sa.DateTime(timezone=True),  # type: ignore[call-overload]
+        sa_type=sa.DateTime(timezone=True),
         nullable=False,
         sa_column_kwargs={"server_default": sa.func.now(), **kwargs},
     )
@@ -41,11 +41,11 @@ class ApiToken(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     user_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
-    token_hash: bytes = Field(sa_type=sa.LargeBinary, unique=True)  # type: ignore[call-overload]
+    token_hash: bytes = Field(sa_type=sa.LargeBinary, unique=True)
     name: str = Field(default="default", max_length=100)
     created_at: datetime | None = _now_column()
-    expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
-    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class Generation(SQLModel, table=True):
@@ -55,7 +55,9 @@ class Generation(SQLModel, table=True):
         sa.CheckConstraint("attempt >= 1", name="generations_attempt_check"),
         sa.UniqueConstraint("user_id", "idempotency_key", name="generations_idempotency_key"),
         # Newest-first keyset pagination per user.
-        sa.Index("ix_generations_user_created", "user_id", sa.text("created_at DESC"), sa.text("id DESC")),
+        sa.Index(
+            "ix_generations_user_created", "user_id", sa.text("created_at DESC"), sa.text("id DESC")
+        ),
         # The reconciler scans only live rows: its cost does not grow with finished ones.
         sa.Index(
             "ix_generations_next_check",
@@ -81,13 +83,13 @@ class Generation(SQLModel, table=True):
     provider: str = Field(max_length=32)
     provider_job_id: str | None = Field(default=None, max_length=200)
     flag_rule: str | None = Field(default=None, max_length=200)
-    prompt: str = Field(sa_type=sa.Text)  # type: ignore[call-overload]
-    negative_prompt: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+    prompt: str = Field(sa_type=sa.Text)
+    negative_prompt: str | None = Field(default=None, sa_type=sa.Text)
     width: int
     height: int
-    seed: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    seed: int = Field(sa_type=sa.BigInteger)
     error_code: str | None = Field(default=None, max_length=64)
-    error_message: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+    error_message: str | None = Field(default=None, sa_type=sa.Text)
     image_key: str | None = Field(default=None, max_length=512)
     image_content_type: str | None = Field(default=None, max_length=64)
     thumbnail_key: str | None = Field(default=None, max_length=512)
@@ -96,9 +98,9 @@ class Generation(SQLModel, table=True):
     progress: float | None = Field(default=None)
     created_at: datetime | None = _now_column()
     updated_at: datetime | None = _now_column()
-    completed_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
-    next_check_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
-    deadline_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))  # type: ignore[call-overload]
+    completed_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    next_check_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    deadline_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class GenerationEvent(SQLModel, table=True):
@@ -107,9 +109,9 @@ class GenerationEvent(SQLModel, table=True):
     __tablename__ = "generation_events"
     __table_args__ = (sa.Index("ix_generation_events_generation", "generation_id", "id"),)
 
-    id: int | None = Field(default=None, primary_key=True, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    id: int | None = Field(default=None, primary_key=True, sa_type=sa.BigInteger)
     generation_id: uuid.UUID = Field(foreign_key="generations.id", ondelete="CASCADE")
     attempt: int
     status: str = Field(max_length=16)
-    detail: dict[str, Any] | None = Field(default=None, sa_type=JSONB)  # type: ignore[call-overload]
+    detail: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
     created_at: datetime | None = _now_column()

@@ -79,7 +79,9 @@ class Runtime:
         assert self.settings.redis_url
         return self.settings.redis_url
 
-    def consumer_config(self, stream: str, group: str, role: str, **overrides: Any) -> ConsumerConfig:
+    def consumer_config(
+        self, stream: str, group: str, role: str, **overrides: Any
+    ) -> ConsumerConfig:
         s = self.settings
         values: dict[str, Any] = {
             "stream": stream,

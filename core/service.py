@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from core.logging import get_logger
 
 log = get_logger(__name__)
 
-Loop = Callable[[asyncio.Event], Awaitable[None]]
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def run_loops(loops: dict[str, Loop], stop: asyncio.Event, *, grace_s: float = 30.0) -> None:
@@ -24,9 +25,11 @@ async def run_loops(loops: dict[str, Loop], stop: asyncio.Event, *, grace_s: flo
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stopper}:
+        for task in done:
+            if task is stopper:
+                continue
             if not task.cancelled() and task.exception() is not None:
-                log.error("service.loop_died", loop=tasks[task], error=repr(task.exception()))
+                log.error("service.loop_died", loop=tasks[task], error=repr(task.exception()))  # type: ignore[index]
         stop.set()
         _, pending = await asyncio.wait(tasks, timeout=grace_s)
         for task in pending:

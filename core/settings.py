@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    public_url: str | None = Field(None, description="Base URL clients use; default http://host:port.")
+    public_url: str | None = Field(
+        None, description="Base URL clients use; default http://host:port."
+    )
     db_pool_max: int = Field(10, ge=1, description="asyncpg pool size per process.")
 
     # Streams.
@@ -39,20 +41,30 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(100_000, ge=1000, description="Approximate cap on each stream.")
     consumer_batch: int = Field(100, ge=1, le=10_000, description="Entries per XREADGROUP.")
     consumer_block_ms: int = Field(1000, ge=1)
-    consumer_concurrency: int = Field(16, ge=1, description="Messages handled at once per consumer.")
-    reclaim_idle_ms: int = Field(60_000, ge=100, description="Pending entries idle this long are reclaimed.")
+    consumer_concurrency: int = Field(
+        16, ge=1, description="Messages handled at once per consumer."
+    )
+    reclaim_idle_ms: int = Field(
+        60_000, ge=100, description="Pending entries idle this long are reclaimed."
+    )
     reclaim_interval_s: float = Field(5.0, gt=0)
-    max_deliveries: int = Field(5, ge=1, description="Deliveries before a message is dead-lettered.")
+    max_deliveries: int = Field(
+        5, ge=1, description="Deliveries before a message is dead-lettered."
+    )
 
     # Generations.
     default_provider: Literal["local"] = "local"
-    generation_deadline_s: int = Field(600, ge=1, description="A generation not done by then fails.")
+    generation_deadline_s: int = Field(
+        600, ge=1, description="A generation not done by then fails."
+    )
     dispatch_grace_s: float = Field(30.0, gt=0, description="Queued this long: publish again.")
     local_check_s: float = Field(
         120.0, gt=0, description="A local job silent this long (no status, progress) is retried."
     )
     max_attempts: int = Field(3, ge=1, description="Attempts before a generation fails for good.")
-    thumbnail_grace_s: float = Field(60.0, gt=0, description="Completed without thumbnail: ask again.")
+    thumbnail_grace_s: float = Field(
+        60.0, gt=0, description="Completed without thumbnail: ask again."
+    )
 
     # Storage.
     storage_backend: Literal["local", "s3"] = "local"

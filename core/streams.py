@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, NewType, TypeVar
+from typing import Any, Generic, NewType, TypeVar, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -57,7 +57,11 @@ def dedicated_client(url: str) -> DedicatedRedis:
     return DedicatedRedis(aioredis.Redis.from_pool(pool))
 
 
-def encode(message: Message) -> dict[bytes, bytes]:
+Fields = dict[Any, Any]  # redis-py's stream field mapping, typed loosely upstream
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+def encode(message: Message) -> Fields:
     return {DATA_FIELD: message.model_dump_json().encode()}
 
 
@@ -70,17 +74,17 @@ class Publisher:
         self.maxlen = maxlen
 
     async def send(self, stream: str, message: Message) -> bytes:
-        entry_id: bytes = await self.redis.xadd(
-            stream, encode(message), maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
+        entry_id = await self.redis.xadd(
+            stream, encode(message), maxlen=self.maxlen, approximate=True
         )
-        return entry_id
+        return cast(bytes, entry_id)
 
     async def send_many(self, stream: str, messages: Sequence[Message]) -> None:
         if not messages:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for message in messages:
-                pipe.xadd(stream, encode(message), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(stream, encode(message), maxlen=self.maxlen, approximate=True)
             await pipe.execute()
 
     async def notify(self, user_id: Any, event: UserEvent) -> None:
@@ -119,7 +123,9 @@ class StreamConsumer(Generic[M]):
         # From "0", not "$": entries added while the group was missing (after a
         # FLUSHALL) are still read; handlers are idempotent, so a re-read is harmless.
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-            await self.ops.xgroup_create(self.config.stream, self.config.group, id="0", mkstream=True)
+            await self.ops.xgroup_create(
+                self.config.stream, self.config.group, id="0", mkstream=True
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -149,12 +155,14 @@ class StreamConsumer(Generic[M]):
                     await asyncio.wait_for(stop.wait(), backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
-            entries = [entry for _, stream_entries in response for entry in stream_entries]
+            entries: list[Entry] = [
+                entry for _, stream_entries in cast(list[Any], response) for entry in stream_entries
+            ]
             if entries:
                 await self.process(entries)
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
 
-    async def process(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
+    async def process(self, entries: Sequence[Entry]) -> None:
         """Handle a batch: bounded concurrency, one XACK for everything that succeeded."""
         cfg = self.config
         sem = asyncio.Semaphore(cfg.concurrency)
@@ -175,7 +183,9 @@ class StreamConsumer(Generic[M]):
                     raise
                 except Exception as exc:
                     self._last_error[entry_id] = repr(exc)
-                    log.exception("consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode())
+                    log.exception(
+                        "consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode()
+                    )
                     return
             self._last_error.pop(entry_id, None)
             done.append(entry_id)
@@ -187,19 +197,22 @@ class StreamConsumer(Generic[M]):
     async def reclaim(self) -> None:
         """Claim entries whose consumer died or failed; dead-letter the hopeless ones."""
         cfg = self.config
-        pending = await self.ops.xpending_range(
+        pending: list[dict[str, Any]] = await self.ops.xpending_range(
             cfg.stream, cfg.group, min="-", max="+", count=cfg.batch, idle=cfg.reclaim_idle_ms
         )
         if not pending:
             return
-        ids = [p["message_id"] for p in pending]
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        deliveries: dict[bytes, int] = {p["message_id"]: p["times_delivered"] for p in pending}
         # XCLAIM re-checks idleness, so two reclaiming replicas never both win an entry.
         claimed = await self.ops.xclaim(
-            cfg.stream, cfg.group, cfg.consumer, min_idle_time=cfg.reclaim_idle_ms, message_ids=ids
+            cfg.stream,
+            cfg.group,
+            cfg.consumer,
+            min_idle_time=cfg.reclaim_idle_ms,
+            message_ids=list(deliveries),
         )
-        retry: list[tuple[bytes, dict[bytes, bytes] | None]] = []
-        for entry_id, fields in claimed:
+        retry: list[Entry] = []
+        for entry_id, fields in cast(list[Entry], claimed):
             if fields is None:
                 continue
             if deliveries.get(entry_id, 0) >= cfg.max_deliveries:
@@ -212,7 +225,9 @@ class StreamConsumer(Generic[M]):
             log.info("consumer.reclaimed", stream=cfg.stream, count=len(retry))
             await self.process(retry)
 
-    async def dead_letter(self, entry_id: bytes, raw: bytes, *, deliveries: int, error: str) -> None:
+    async def dead_letter(
+        self, entry_id: bytes, raw: bytes, *, deliveries: int, error: str
+    ) -> None:
         cfg = self.config
         letter = DeadLetter(
             stream=cfg.stream,
@@ -223,7 +238,12 @@ class StreamConsumer(Generic[M]):
             data=raw.decode(errors="replace"),
         )
         async with self.ops.pipeline(transaction=True) as pipe:
-            pipe.xadd(cfg.dead_stream, encode(letter))  # type: ignore[arg-type]
+            pipe.xadd(cfg.dead_stream, encode(letter))
             pipe.xack(cfg.stream, cfg.group, entry_id)
             await pipe.execute()
-        log.error("consumer.dead_lettered", stream=cfg.stream, entry_id=entry_id.decode(), error=error[:200])
+        log.error(
+            "consumer.dead_lettered",
+            stream=cfg.stream,
+            entry_id=entry_id.decode(),
+            error=error[:200],
+        )

@@ -91,7 +91,9 @@ class Reconciler:
         rt, keys = self.rt, self.rt.settings.keys
         gid, attempt, status = row["id"], row["attempt"], Status(row["status"])  # type: ignore[index]
         if status is Status.QUEUED:
-            await rt.publisher.send(keys.requested, GenerationRequested(generation_id=gid, attempt=attempt))
+            await rt.publisher.send(
+                keys.requested, GenerationRequested(generation_id=gid, attempt=attempt)
+            )
             return "requeue"
         if attempt >= rt.settings.max_attempts:
             failed = await lifecycle.transition(
@@ -115,7 +117,9 @@ class Reconciler:
         )
         if retried is None:
             return None
-        await rt.publisher.send(keys.requested, GenerationRequested(generation_id=gid, attempt=retried["attempt"]))
+        await rt.publisher.send(
+            keys.requested, GenerationRequested(generation_id=gid, attempt=retried["attempt"])
+        )
         await notify(rt.publisher, retried, "generation.queued")
         return "retry"
 
@@ -138,7 +142,12 @@ class Reconciler:
     async def _thumbnails(self) -> int:
         rows = await self.rt.pool.fetch(_LEASE_THUMBNAILS, BATCH, self.thumbnail_grace)
         messages = [
-            ThumbnailRequested(generation_id=r["id"], attempt=r["attempt"], user_id=r["user_id"], image_key=r["image_key"])
+            ThumbnailRequested(
+                generation_id=r["id"],
+                attempt=r["attempt"],
+                user_id=r["user_id"],
+                image_key=r["image_key"],
+            )
             for r in rows
         ]
         await self.rt.publisher.send_many(self.rt.settings.keys.thumbnails, messages)

@@ -105,9 +105,7 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
 
 
 @pytest_asyncio.fixture
-async def rt(
-    settings: Settings, pool: asyncpg.Pool, redis: SharedRedis
-) -> AsyncIterator[Runtime]:
+async def rt(settings: Settings, pool: asyncpg.Pool, redis: SharedRedis) -> AsyncIterator[Runtime]:
     await pool.execute("TRUNCATE users, api_tokens, generations, generation_events CASCADE")
     storage = LocalStorage(settings.images_dir)
     yield Runtime(settings, pool, redis, Publisher(redis, settings.keys), storage)
@@ -176,7 +174,13 @@ async def pipeline(rt: Runtime) -> AsyncIterator[asyncio.Event]:
 
 
 async def wait_for_status(
-    client: TestClient, auth: UserAuth, generation_id: str, statuses: set[str], *, timeout_s: float = 10, need_thumbnail: bool = False  # type: ignore[type-arg]
+    client: TestClient,
+    auth: UserAuth,
+    generation_id: str,
+    statuses: set[str],
+    *,
+    timeout_s: float = 10,
+    need_thumbnail: bool = False,  # type: ignore[type-arg]
 ) -> dict:  # type: ignore[type-arg]
     """Poll the API until the generation reaches one of ``statuses`` (bounded)."""
     async with asyncio.timeout(timeout_s):

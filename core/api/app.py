@@ -37,7 +37,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    return json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+    )
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:

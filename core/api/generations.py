@@ -26,7 +26,9 @@ async def create_generation(request: web.Request) -> web.Response:
     rt = request.app[runtime_key]
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):
-        raise InvalidInput("Idempotency-Key must be 1..255 printable characters", code="invalid_idempotency_key")
+        raise InvalidInput(
+            "Idempotency-Key must be 1..255 printable characters", code="invalid_idempotency_key"
+        )
     body = await parse_body(request, gens.CreateGeneration)
     s = rt.settings
     row, created = await gens.create(
@@ -41,7 +43,8 @@ async def create_generation(request: web.Request) -> web.Response:
     if created:
         try:
             await rt.publisher.send(
-                s.keys.requested, GenerationRequested(generation_id=row["id"], attempt=row["attempt"])
+                s.keys.requested,
+                GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
             )
         except Exception as exc:
             # The row is committed: the reconciler publishes it again after the grace period.
@@ -72,7 +75,11 @@ async def list_generations(request: web.Request) -> web.Response:
                 "status must be one of " + ", ".join(s.value for s in Status), code="invalid_status"
             ) from None
     rows, next_cursor = await gens.list_page(
-        request.app[runtime_key].pool, principal.user_id, limit=limit, cursor=q.get("cursor") or None, status=status
+        request.app[runtime_key].pool,
+        principal.user_id,
+        limit=limit,
+        cursor=q.get("cursor") or None,
+        status=status,
     )
     return json_response({"items": [gens.resource(r) for r in rows], "next_cursor": next_cursor})
 
@@ -89,13 +96,17 @@ async def latest_generation(request: web.Request) -> web.Response:
 @routes.get("/api/v1/generations/{id}")
 async def get_generation(request: web.Request) -> web.Response:
     principal = await require_user(request)
-    row = await gens.get(request.app[runtime_key].pool, principal.user_id, parse_uuid(request.match_info["id"]))
+    row = await gens.get(
+        request.app[runtime_key].pool, principal.user_id, parse_uuid(request.match_info["id"])
+    )
     if row is None:
         raise NotFound()
     return json_response(gens.resource(row))
 
 
-async def _serve_object(request: web.Request, column: str, content_type_column: str | None) -> web.StreamResponse:
+async def _serve_object(
+    request: web.Request, column: str, content_type_column: str | None
+) -> web.StreamResponse:
     principal = await require_user(request)
     rt = request.app[runtime_key]
     row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
@@ -110,7 +121,11 @@ async def _serve_object(request: web.Request, column: str, content_type_column: 
         if not path.exists():
             raise NotFound("the stored object is missing", code="object_missing")
         return web.FileResponse(
-            path, headers={"Content-Type": content_type or "application/octet-stream", "Cache-Control": "private, max-age=31536000, immutable"}
+            path,
+            headers={
+                "Content-Type": content_type or "application/octet-stream",
+                "Cache-Control": "private, max-age=31536000, immutable",
+            },
         )
     url = await rt.storage.presigned_url(key, rt.settings.image_url_ttl_s)
     if url is None:

@@ -26,7 +26,9 @@ B = TypeVar("B", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
     )
@@ -38,7 +40,9 @@ def error_response(exc: GenguiError) -> web.Response:
 
 async def parse_body(request: web.Request, model: type[B]) -> B:
     if request.content_type != "application/json":
-        raise InvalidInput("send a JSON body with Content-Type: application/json", code="unsupported_media_type")
+        raise InvalidInput(
+            "send a JSON body with Content-Type: application/json", code="unsupported_media_type"
+        )
     raw = await request.read()
     try:
         data = orjson.loads(raw)
@@ -56,7 +60,12 @@ async def parse_body(request: web.Request, model: type[B]) -> B:
         raise InvalidInput("the request body is not valid", details=details) from exc
 
 
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 @web.middleware

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -33,23 +34,35 @@ class Worker:
         self.engine = engine
         self.worker_id = consumer_name("worker")
 
-    async def _report(self, job: LocalJob, **fields: object) -> None:
+    async def _report(self, job: LocalJob, **fields: Any) -> None:
         message = JobStatus(
-            generation_id=job.generation_id, attempt=job.attempt, source=self.worker_id, **fields  # type: ignore[arg-type]
+            generation_id=job.generation_id,
+            attempt=job.attempt,
+            source=self.worker_id,
+            **fields,
         )
         await self.rt.publisher.send(self.rt.settings.keys.job_status, message)
 
     async def handle(self, job: LocalJob) -> None:
-        structlog.contextvars.bind_contextvars(generation_id=str(job.generation_id), attempt=job.attempt)
+        structlog.contextvars.bind_contextvars(
+            generation_id=str(job.generation_id), attempt=job.attempt
+        )
         if job.deadline_at is not None and job.deadline_at <= datetime.now(UTC):
-            await self._report(job, state="failed", error_code="timed_out", error_message="deadline passed before the job started")
+            await self._report(
+                job,
+                state="failed",
+                error_code="timed_out",
+                error_message="deadline passed before the job started",
+            )
             return
         await self._report(job, state="processing")
         loop = asyncio.get_running_loop()
 
         def progress(fraction: float) -> None:
             # Called from the engine's thread.
-            asyncio.run_coroutine_threadsafe(self._report(job, state="progress", progress=fraction), loop)
+            asyncio.run_coroutine_threadsafe(
+                self._report(job, state="progress", progress=fraction), loop
+            )
 
         try:
             data = await asyncio.to_thread(self.engine.generate, job, progress)
@@ -59,7 +72,13 @@ class Worker:
             return
         except Exception as exc:
             log.exception("worker.engine_failed")
-            await self._report(job, state="failed", error_code="engine_error", error_message=repr(exc)[:500], retryable=True)
+            await self._report(
+                job,
+                state="failed",
+                error_code="engine_error",
+                error_message=repr(exc)[:500],
+                retryable=True,
+            )
             return
         key = original_key(job.user_id, job.generation_id, job.attempt, ext)
         await self.rt.storage.put(key, data, content_type)
@@ -71,7 +90,9 @@ class Worker:
         interval = self.rt.settings.worker_heartbeat_s
         while not stop.is_set():
             with contextlib.suppress(Exception):
-                await self.rt.redis.set(key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3)))
+                await self.rt.redis.set(
+                    key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3))
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
         with contextlib.suppress(Exception):

@@ -17,13 +17,30 @@ async def _count(rt: Runtime) -> int:
     return int(await rt.pool.fetchval("SELECT count(*) FROM generations"))
 
 
-async def test_create_returns_202_with_the_resource_and_publishes(client, alice: UserAuth, rt: Runtime) -> None:
+async def test_create_returns_202_with_the_resource_and_publishes(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
     resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert resp.status == 202
     body = await resp.json()
     assert resp.headers["Location"] == f"/api/v1/generations/{body['id']}"
-    assert {"id", "status", "attempt", "provider", "prompt", "negative_prompt", "width", "height", "seed",
-            "error", "image_url", "thumbnail_url", "created_at", "updated_at", "completed_at"} <= body.keys()
+    assert {
+        "id",
+        "status",
+        "attempt",
+        "provider",
+        "prompt",
+        "negative_prompt",
+        "width",
+        "height",
+        "seed",
+        "error",
+        "image_url",
+        "thumbnail_url",
+        "created_at",
+        "updated_at",
+        "completed_at",
+    } <= body.keys()
     assert (body["width"], body["height"], body["status"]) == (1024, 1024, "queued")
     assert 0 <= body["seed"] <= 2**32 - 1
     assert body["image_url"] is None and body["thumbnail_url"] is None
@@ -69,7 +86,9 @@ async def test_invalid_bodies_get_400_with_a_code_and_write_nothing(
         (b"prompt=x", "application/x-www-form-urlencoded", "unsupported_media_type"),
     ],
 )
-async def test_malformed_requests_get_400(client, alice: UserAuth, rt: Runtime, data: bytes, content_type: str, code: str) -> None:
+async def test_malformed_requests_get_400(
+    client, alice: UserAuth, rt: Runtime, data: bytes, content_type: str, code: str
+) -> None:
     resp = await client.post(
         "/api/v1/generations", data=data, headers={**alice.headers, "Content-Type": content_type}
     )
@@ -78,7 +97,9 @@ async def test_malformed_requests_get_400(client, alice: UserAuth, rt: Runtime, 
     assert await _count(rt) == 0
 
 
-async def test_idempotency_key_replays_and_rejects_a_different_body(client, alice: UserAuth, rt: Runtime) -> None:
+async def test_idempotency_key_replays_and_rejects_a_different_body(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
     headers = {**alice.headers, "Idempotency-Key": "order-42"}
     first = await client.post("/api/v1/generations", json={**BODY, "seed": 1}, headers=headers)
     second = await client.post("/api/v1/generations", json={**BODY, "seed": 1}, headers=headers)
@@ -92,7 +113,9 @@ async def test_idempotency_key_replays_and_rejects_a_different_body(client, alic
     assert await rt.redis.xlen(rt.settings.keys.requested) == 1
 
 
-async def test_idempotency_key_under_concurrent_requests_creates_one(client, alice: UserAuth, rt: Runtime) -> None:
+async def test_idempotency_key_under_concurrent_requests_creates_one(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
     headers = {**alice.headers, "Idempotency-Key": "burst"}
     responses = await asyncio.gather(
         *(client.post("/api/v1/generations", json=BODY, headers=headers) for _ in range(10))
@@ -102,18 +125,30 @@ async def test_idempotency_key_under_concurrent_requests_creates_one(client, ali
     assert len(ids) == 1 and await _count(rt) == 1
 
 
-async def test_same_key_for_two_users_is_two_generations(client, alice: UserAuth, bob: UserAuth, rt: Runtime) -> None:
+async def test_same_key_for_two_users_is_two_generations(
+    client, alice: UserAuth, bob: UserAuth, rt: Runtime
+) -> None:
     for user in (alice, bob):
-        resp = await client.post("/api/v1/generations", json=BODY, headers={**user.headers, "Idempotency-Key": "k"})
+        resp = await client.post(
+            "/api/v1/generations", json=BODY, headers={**user.headers, "Idempotency-Key": "k"}
+        )
         assert resp.status == 202
     assert await _count(rt) == 2
 
 
-@pytest.mark.parametrize("header", [None, "Bearer", "Bearer gg_not-a-token", "Basic dXNlcjpwYXNz", "gg_x"])
-async def test_requests_without_a_valid_token_get_401(client, rt: Runtime, header: str | None) -> None:
+@pytest.mark.parametrize(
+    "header", [None, "Bearer", "Bearer gg_not-a-token", "Basic dXNlcjpwYXNz", "gg_x"]
+)
+async def test_requests_without_a_valid_token_get_401(
+    client, rt: Runtime, header: str | None
+) -> None:
     headers = {"Authorization": header} if header else {}
-    for method, path in [("POST", "/api/v1/generations"), ("GET", "/api/v1/generations"),
-                         ("GET", "/api/v1/generations/latest"), ("GET", f"/api/v1/generations/{uuid.uuid4()}")]:
+    for method, path in [
+        ("POST", "/api/v1/generations"),
+        ("GET", "/api/v1/generations"),
+        ("GET", "/api/v1/generations/latest"),
+        ("GET", f"/api/v1/generations/{uuid.uuid4()}"),
+    ]:
         resp = await client.request(method, path, json=BODY, headers=headers)
         assert resp.status == 401, (method, path)
         assert (await resp.json())["error"]["code"] in {"unauthorized", "invalid_token"}
@@ -121,18 +156,30 @@ async def test_requests_without_a_valid_token_get_401(client, rt: Runtime, heade
 
 
 async def test_revoked_token_is_refused(client, alice: UserAuth, rt: Runtime) -> None:
-    await rt.pool.execute("UPDATE api_tokens SET revoked_at = now() WHERE user_id = $1", alice.user_id)
+    await rt.pool.execute(
+        "UPDATE api_tokens SET revoked_at = now() WHERE user_id = $1", alice.user_id
+    )
     resp = await client.get("/api/v1/generations", headers=alice.headers)
     assert resp.status == 401
 
 
-async def test_another_users_generation_is_404_everywhere(client, alice: UserAuth, bob: UserAuth, rt: Runtime) -> None:
-    created = await (await client.post("/api/v1/generations", json=BODY, headers=alice.headers)).json()
+async def test_another_users_generation_is_404_everywhere(
+    client, alice: UserAuth, bob: UserAuth, rt: Runtime
+) -> None:
+    created = await (
+        await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+    ).json()
     gid = created["id"]
     await rt.pool.execute(
-        "UPDATE generations SET status = 'completed', image_key = 'k', thumbnail_key = 't' WHERE id = $1", uuid.UUID(gid)
+        """UPDATE generations SET status = 'completed', image_key = 'k', thumbnail_key = 't'
+            WHERE id = $1""",
+        uuid.UUID(gid),
     )
-    for path in [f"/api/v1/generations/{gid}", f"/api/v1/generations/{gid}/image", f"/api/v1/generations/{gid}/thumbnail"]:
+    for path in [
+        f"/api/v1/generations/{gid}",
+        f"/api/v1/generations/{gid}/image",
+        f"/api/v1/generations/{gid}/thumbnail",
+    ]:
         resp = await client.get(path, headers=bob.headers)
         assert resp.status == 404, path
         body = await resp.json()
@@ -144,7 +191,9 @@ async def test_another_users_generation_is_404_everywhere(client, alice: UserAut
 
 
 async def test_image_is_404_until_ready_and_bad_ids_are_404(client, alice: UserAuth) -> None:
-    created = await (await client.post("/api/v1/generations", json=BODY, headers=alice.headers)).json()
+    created = await (
+        await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+    ).json()
     resp = await client.get(f"/api/v1/generations/{created['id']}/image", headers=alice.headers)
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_ready"
     resp = await client.get("/api/v1/generations/not-a-uuid", headers=alice.headers)
@@ -154,15 +203,29 @@ async def test_image_is_404_until_ready_and_bad_ids_are_404(client, alice: UserA
 async def test_latest_returns_the_newest(client, alice: UserAuth) -> None:
     ids = []
     for i in range(3):
-        ids.append((await (await client.post("/api/v1/generations", json={"prompt": f"p{i}"}, headers=alice.headers)).json())["id"])
+        ids.append(
+            (
+                await (
+                    await client.post(
+                        "/api/v1/generations", json={"prompt": f"p{i}"}, headers=alice.headers
+                    )
+                ).json()
+            )["id"]
+        )
     latest = await (await client.get("/api/v1/generations/latest", headers=alice.headers)).json()
     assert latest["id"] == ids[-1]
 
 
 @pytest.mark.parametrize(
     ("query", "code"),
-    [("limit=0", "invalid_limit"), ("limit=101", "invalid_limit"), ("limit=x", "invalid_limit"),
-     ("status=done", "invalid_status"), ("cursor=@@@", "invalid_cursor"), ("cursor=Zm9v", "invalid_cursor")],
+    [
+        ("limit=0", "invalid_limit"),
+        ("limit=101", "invalid_limit"),
+        ("limit=x", "invalid_limit"),
+        ("status=done", "invalid_status"),
+        ("cursor=@@@", "invalid_cursor"),
+        ("cursor=Zm9v", "invalid_cursor"),
+    ],
 )
 async def test_bad_list_queries_get_400(client, alice: UserAuth, query: str, code: str) -> None:
     resp = await client.get(f"/api/v1/generations?{query}", headers=alice.headers)
@@ -170,10 +233,14 @@ async def test_bad_list_queries_get_400(client, alice: UserAuth, query: str, cod
     assert (await resp.json())["error"]["code"] == code
 
 
-async def test_keyset_pagination_returns_every_row_once_while_rows_are_added(client, alice: UserAuth, bob: UserAuth) -> None:
+async def test_keyset_pagination_returns_every_row_once_while_rows_are_added(
+    client, alice: UserAuth, bob: UserAuth
+) -> None:
     existing = set()
     for i in range(23):
-        resp = await client.post("/api/v1/generations", json={"prompt": f"old {i}"}, headers=alice.headers)
+        resp = await client.post(
+            "/api/v1/generations", json={"prompt": f"old {i}"}, headers=alice.headers
+        )
         existing.add((await resp.json())["id"])
     await client.post("/api/v1/generations", json=BODY, headers=bob.headers)
     seen: list[str] = []
@@ -196,9 +263,15 @@ async def test_keyset_pagination_returns_every_row_once_while_rows_are_added(cli
 async def test_status_filter(client, alice: UserAuth, rt: Runtime) -> None:
     for _ in range(3):
         await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
-    await rt.pool.execute("UPDATE generations SET status = 'failed' WHERE id = (SELECT id FROM generations LIMIT 1)")
-    failed = await (await client.get("/api/v1/generations?status=failed", headers=alice.headers)).json()
-    queued = await (await client.get("/api/v1/generations?status=queued", headers=alice.headers)).json()
+    await rt.pool.execute(
+        "UPDATE generations SET status = 'failed' WHERE id = (SELECT id FROM generations LIMIT 1)"
+    )
+    failed = await (
+        await client.get("/api/v1/generations?status=failed", headers=alice.headers)
+    ).json()
+    queued = await (
+        await client.get("/api/v1/generations?status=queued", headers=alice.headers)
+    ).json()
     assert [i["status"] for i in failed["items"]] == ["failed"]
     assert len(queued["items"]) == 2
 
@@ -220,7 +293,9 @@ async def test_create_survives_redis_publish_failure(client, alice: UserAuth, rt
     assert resp.status == 202
     gid = uuid.UUID((await resp.json())["id"])
     assert await rt.redis.exists(rt.settings.keys.requested) == 0
-    await rt.pool.execute("UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = $1", gid)
+    await rt.pool.execute(
+        "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = $1", gid
+    )
     counts = await Reconciler(rt).tick()
     assert counts["requeue"] == 1
     assert await rt.redis.xlen(rt.settings.keys.requested) == 1

@@ -17,7 +17,9 @@ from tests.conftest import UserAuth, wait_for_status
 BODY = {"prompt": "a lighthouse at dusk", "width": 512, "height": 384, "seed": 7}
 
 
-async def test_generation_reaches_completed_with_image_and_thumbnail(client, alice: UserAuth, rt: Runtime, pipeline) -> None:
+async def test_generation_reaches_completed_with_image_and_thumbnail(
+    client, alice: UserAuth, rt: Runtime, pipeline
+) -> None:
     resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert resp.status == 202
     created = await resp.json()
@@ -38,7 +40,8 @@ async def test_generation_reaches_completed_with_image_and_thumbnail(client, ali
     assert im.format == "WEBP" and max(im.size) == 128
 
     history = await rt.pool.fetch(
-        "SELECT status FROM generation_events WHERE generation_id = $1 ORDER BY id", uuid.UUID(created["id"])
+        "SELECT status FROM generation_events WHERE generation_id = $1 ORDER BY id",
+        uuid.UUID(created["id"]),
     )
     assert [r["status"] for r in history] == ["queued", "submitted", "processing", "completed"]
 
@@ -59,7 +62,9 @@ async def test_duplicated_status_message_changes_nothing(rt: Runtime, alice: Use
     assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
     key = original_key(alice.user_id, gid, 1, "png")
     await rt.storage.put(key, b"\x89PNG fake", "image/png")
-    done = JobStatus(generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png")
+    done = JobStatus(
+        generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png"
+    )
     processor = StatusProcessor(rt)
     await processor.handle(done)
     first = await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
@@ -69,13 +74,17 @@ async def test_duplicated_status_message_changes_nothing(rt: Runtime, alice: Use
     assert first["status"] == "completed"
     assert dict(again) == dict(first)
     assert await rt.storage.exists(key), "a duplicate must not delete the generation's own image"
-    events = await rt.pool.fetchval("SELECT count(*) FROM generation_events WHERE generation_id = $1", gid)
+    events = await rt.pool.fetchval(
+        "SELECT count(*) FROM generation_events WHERE generation_id = $1", gid
+    )
     assert events == 2  # submitted, completed — nothing from the duplicates
     thumbs = await rt.redis.xlen(rt.settings.keys.thumbnails)
     assert thumbs == 1
 
 
-async def test_status_for_older_attempt_is_ignored_and_its_image_deleted(rt: Runtime, alice: UserAuth) -> None:
+async def test_status_for_older_attempt_is_ignored_and_its_image_deleted(
+    rt: Runtime, alice: UserAuth
+) -> None:
     from consumers.status import StatusProcessor
 
     gid = await _queued_generation(rt, alice)
@@ -85,14 +94,24 @@ async def test_status_for_older_attempt_is_ignored_and_its_image_deleted(rt: Run
     stale_key = original_key(alice.user_id, gid, 1, "png")
     await rt.storage.put(stale_key, b"old", "image/png")
     await StatusProcessor(rt).handle(
-        JobStatus(generation_id=gid, attempt=1, state="completed", image_key=stale_key, content_type="image/png")
+        JobStatus(
+            generation_id=gid,
+            attempt=1,
+            state="completed",
+            image_key=stale_key,
+            content_type="image/png",
+        )
     )
-    row = await rt.pool.fetchrow("SELECT status, attempt, image_key FROM generations WHERE id = $1", gid)
+    row = await rt.pool.fetchrow(
+        "SELECT status, attempt, image_key FROM generations WHERE id = $1", gid
+    )
     assert (row["status"], row["attempt"], row["image_key"]) == ("submitted", 2, None)
     assert not await rt.storage.exists(stale_key)
 
 
-async def test_late_result_for_cancelled_generation_leaves_no_image(rt: Runtime, alice: UserAuth) -> None:
+async def test_late_result_for_cancelled_generation_leaves_no_image(
+    rt: Runtime, alice: UserAuth
+) -> None:
     from consumers.status import StatusProcessor
 
     gid = await _queued_generation(rt, alice)
@@ -101,13 +120,19 @@ async def test_late_result_for_cancelled_generation_leaves_no_image(rt: Runtime,
     key = original_key(alice.user_id, gid, 1, "png")
     await rt.storage.put(key, b"late", "image/png")
     await StatusProcessor(rt).handle(
-        JobStatus(generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png")
+        JobStatus(
+            generation_id=gid, attempt=1, state="completed", image_key=key, content_type="image/png"
+        )
     )
-    assert await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", gid) == "cancelled"
+    assert (
+        await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", gid) == "cancelled"
+    )
     assert await rt.storage.list_keys(f"users/{alice.user_id}/") == []
 
 
-async def test_retryable_failure_starts_a_new_attempt_then_fails_after_the_last(rt: Runtime, alice: UserAuth) -> None:
+async def test_retryable_failure_starts_a_new_attempt_then_fails_after_the_last(
+    rt: Runtime, alice: UserAuth
+) -> None:
     from consumers.status import StatusProcessor
 
     gid = await _queued_generation(rt, alice)
@@ -115,9 +140,17 @@ async def test_retryable_failure_starts_a_new_attempt_then_fails_after_the_last(
     for attempt in range(1, rt.settings.max_attempts + 1):
         assert await lifecycle.transition(rt.pool, gid, attempt=attempt, to=Status.SUBMITTED)
         await processor.handle(
-            JobStatus(generation_id=gid, attempt=attempt, state="failed", error_code="oom", retryable=True)
+            JobStatus(
+                generation_id=gid, attempt=attempt, state="failed", error_code="oom", retryable=True
+            )
         )
-    row = await rt.pool.fetchrow("SELECT status, attempt, error_code FROM generations WHERE id = $1", gid)
-    assert (row["status"], row["attempt"], row["error_code"]) == ("failed", rt.settings.max_attempts, "oom")
+    row = await rt.pool.fetchrow(
+        "SELECT status, attempt, error_code FROM generations WHERE id = $1", gid
+    )
+    assert (row["status"], row["attempt"], row["error_code"]) == (
+        "failed",
+        rt.settings.max_attempts,
+        "oom",
+    )
     requested = await rt.redis.xlen(rt.settings.keys.requested)
     assert requested == rt.settings.max_attempts - 1

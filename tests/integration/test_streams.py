@@ -1,0 +1,154 @@
+"""The consumer loop on real Redis: acks, reclaim, dead letters, a vanished group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+
+from core.events import DeadLetter, GenerationRequested
+from core.runtime import Runtime
+from core.streams import ConsumerConfig, StreamConsumer, dedicated_client, encode
+
+
+def _config(rt: Runtime, consumer: str, **kw: object) -> ConsumerConfig:
+    return rt.consumer_config(rt.settings.keys.requested, "g", consumer, **kw)  # type: ignore[arg-type]
+
+
+class Recorder:
+    def __init__(self, fail_times: int = 0) -> None:
+        self.seen: list[GenerationRequested] = []
+        self.fail_times = fail_times
+        self.event = asyncio.Event()
+
+    async def __call__(self, msg: GenerationRequested) -> None:
+        self.seen.append(msg)
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise RuntimeError("boom")
+        self.event.set()
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    rt: Runtime, handler, name: str = "c1", **kw: object
+) -> AsyncIterator[StreamConsumer]:  # type: ignore[no-untyped-def]
+    reader = dedicated_client(rt.redis_url)
+    consumer = StreamConsumer(
+        reader, rt.redis, _config(rt, name, **kw), GenerationRequested, handler
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await reader.aclose()
+
+
+@pytest_asyncio.fixture
+async def msg() -> GenerationRequested:
+    return GenerationRequested(generation_id=uuid.uuid4(), attempt=1)
+
+
+async def _pending(rt: Runtime) -> int:
+    info = await rt.redis.xpending(rt.settings.keys.requested, "g")
+    return int(info["pending"])
+
+
+async def test_handled_message_is_acked(rt: Runtime, msg: GenerationRequested) -> None:
+    rec = Recorder()
+    async with consuming(rt, rec):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 5)
+    assert rec.seen == [msg]
+    assert await _pending(rt) == 0
+
+
+async def test_failed_message_is_reclaimed_and_processed_once(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    rec = Recorder(fail_times=1)
+    async with consuming(rt, rec):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 10)
+    assert rec.seen == [msg, msg]  # one failure, one success
+    assert await _pending(rt) == 0
+    assert await rt.redis.exists(rt.settings.keys.dead) == 0
+
+
+async def test_message_of_a_killed_consumer_is_reclaimed_by_another(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    started = asyncio.Event()
+
+    async def hangs(m: GenerationRequested) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    reader = dedicated_client(rt.redis_url)
+    victim = StreamConsumer(reader, rt.redis, _config(rt, "victim"), GenerationRequested, hangs)
+    task = asyncio.create_task(victim.run(asyncio.Event()))
+    await rt.publisher.send(rt.settings.keys.requested, msg)
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()  # killed mid-message: no ack
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await reader.aclose()
+    assert await _pending(rt) == 1
+
+    rec = Recorder()
+    async with consuming(rt, rec, name="survivor"):
+        await asyncio.wait_for(rec.event.wait(), 10)
+    assert rec.seen == [msg]
+    assert await _pending(rt) == 0
+
+
+async def test_poison_after_max_deliveries_goes_to_dead_letters(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    rec = Recorder(fail_times=1000)
+    async with consuming(rt, rec, max_deliveries=3):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        async with asyncio.timeout(15):
+            while not await rt.redis.exists(rt.settings.keys.dead):
+                await asyncio.sleep(0.05)
+    assert len(rec.seen) == 3
+    assert await _pending(rt) == 0
+    ((_, fields),) = await rt.redis.xrange(rt.settings.keys.dead)
+    letter = DeadLetter.model_validate_json(fields[b"__data__"])
+    assert letter.deliveries == 3 and "boom" in letter.error
+    assert GenerationRequested.model_validate_json(letter.data) == msg
+
+
+async def test_invalid_message_is_dead_lettered_at_once(rt: Runtime) -> None:
+    rec = Recorder()
+    async with consuming(rt, rec):
+        await rt.redis.xadd(rt.settings.keys.requested, {b"__data__": b'{"v": 99}'})
+        async with asyncio.timeout(5):
+            while not await rt.redis.exists(rt.settings.keys.dead):
+                await asyncio.sleep(0.02)
+    assert rec.seen == []
+    assert await _pending(rt) == 0
+
+
+async def test_consumer_recreates_a_deleted_stream_and_group(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    rec = Recorder()
+    async with consuming(rt, rec):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 5)
+        rec.event.clear()
+        await rt.redis.delete(rt.settings.keys.requested)  # what FLUSHALL does to us
+        second = GenerationRequested(generation_id=uuid.uuid4(), attempt=1)
+        async with asyncio.timeout(10):
+            # Until the group is back, entries may land in a fresh stream with no
+            # group: they are still read, since the group is recreated from id 0.
+            await rt.redis.xadd(rt.settings.keys.requested, encode(second))
+            await rec.event.wait()
+    assert rec.seen == [msg, second]
