@@ -117,7 +117,7 @@ async def _create_user(settings: Settings, email: str, plan: str) -> str:
     from core.db import create_pool
     from core.runtime import resolve_settings
 
-    settings = resolve_settings(settings)
+    settings = resolve_settings(settings, need_redis=False)
     assert settings.database_url
     pool = await create_pool(settings.database_url, max_size=1)
     try:
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "migrate":
         from core.runtime import resolve_settings
 
-        resolved = resolve_settings(settings)
+        resolved = resolve_settings(settings, need_redis=False)
         assert resolved.database_url
         migrate(resolved.database_url)
     elif args.command == "users":

@@ -22,9 +22,9 @@ class ConfigurationError(RuntimeError):
     """Settings that cannot work; the message says which variable to set."""
 
 
-def resolve_settings(settings: Settings) -> Settings:
+def resolve_settings(settings: Settings, *, need_redis: bool = True) -> Settings:
     """Fill unset server URLs from a running ``gengui dev``'s embedded servers."""
-    if settings.database_url and settings.redis_url:
+    if settings.database_url and (settings.redis_url or not need_redis):
         return settings
     found = discover(settings.data_dir)
     if found is None:

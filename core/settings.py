@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     # Logging.
     log_format: Literal["json", "console"] = "json"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # API.
     api_host: str = "127.0.0.1"
@@ -89,10 +89,26 @@ class Settings(BaseSettings):
     # Reconciler.
     reconcile_interval_s: float = Field(5.0, gt=0)
 
-    @field_validator("database_url", "redis_url", "s3_bucket", "public_url", mode="before")
+    @field_validator(
+        "database_url",
+        "redis_url",
+        "public_url",
+        "storage_dir",
+        "s3_bucket",
+        "s3_endpoint_url",
+        "s3_public_endpoint_url",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @cached_property
     def keys(self) -> Keys:
