@@ -1,0 +1,109 @@
+"""The reconciler on real Postgres + Redis: each recovery, and replicas side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from core import lifecycle
+from core.events import GenerationRequested
+from core.lifecycle import Status
+from core.runtime import Runtime
+from reconciler.loop import Reconciler
+from tests.conftest import UserAuth
+
+
+async def _generation(
+    rt: Runtime, user: UserAuth, status: str = "queued", attempt: int = 1, **cols: str
+) -> uuid.UUID:
+    extra = "".join(f", {k} = {v}" for k, v in cols.items())
+    gid: uuid.UUID = await rt.pool.fetchval(
+        """INSERT INTO generations (id, user_id, status, attempt, provider, prompt,
+                                    width, height, seed, next_check_at, deadline_at)
+           VALUES (gen_random_uuid(), $1, $2, $3, 'local', 'p', 512, 512, 1,
+                   now() - interval '1 second', now() + interval '1 hour')
+           RETURNING id""",
+        user.user_id,
+        status,
+        attempt,
+    )
+    if extra:
+        await rt.pool.execute(f"UPDATE generations SET {extra[2:]} WHERE id = $1", gid)
+    return gid
+
+
+async def _requested(rt: Runtime) -> list[GenerationRequested]:
+    entries = await rt.redis.xrange(rt.settings.keys.requested)
+    return [GenerationRequested.model_validate_json(f[b"__data__"]) for _, f in entries]
+
+
+async def _row(rt: Runtime, gid: uuid.UUID):  # type: ignore[no-untyped-def]
+    return await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
+
+
+async def test_queued_past_grace_is_published_again_once_per_grace(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    gid = await _generation(rt, alice)
+    rec = Reconciler(rt)
+    assert (await rec.tick())["requeue"] == 1
+    assert (await rec.tick())["requeue"] == 0  # leased: next check pushed out by the grace period
+    assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=1)]
+
+
+async def test_silent_submitted_job_gets_a_new_attempt(rt: Runtime, alice: UserAuth) -> None:
+    gid = await _generation(rt, alice, status="submitted")
+    counts = await Reconciler(rt).tick()
+    assert counts["retry"] == 1
+    row = await _row(rt, gid)
+    assert (row["status"], row["attempt"]) == ("queued", 2)
+    assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=2)]
+
+
+async def test_last_attempt_without_result_fails(rt: Runtime, alice: UserAuth) -> None:
+    gid = await _generation(rt, alice, status="processing", attempt=rt.settings.max_attempts)
+    assert (await Reconciler(rt).tick())["exhausted"] == 1
+    row = await _row(rt, gid)
+    assert (row["status"], row["error_code"]) == ("failed", "no_result")
+    assert row["next_check_at"] is None
+
+
+async def test_past_deadline_fails_with_timed_out(rt: Runtime, alice: UserAuth) -> None:
+    gid = await _generation(
+        rt, alice, status="processing", deadline_at="now() - interval '1 second'"
+    )
+    counts = await Reconciler(rt).tick()
+    assert counts["deadline"] == 1 and counts["retry"] == 0
+    row = await _row(rt, gid)
+    assert (row["status"], row["error_code"]) == ("failed", "timed_out")
+
+
+async def test_completed_without_thumbnail_is_asked_again(rt: Runtime, alice: UserAuth) -> None:
+    await _generation(rt, alice, status="completed", image_key="'users/x/original.png'")
+    done = await _generation(rt, alice, status="completed", image_key="'a'", thumbnail_key="'b'")
+    await rt.pool.execute("UPDATE generations SET next_check_at = NULL WHERE id = $1", done)
+    assert (await Reconciler(rt).tick())["thumbnail"] == 1
+    assert await rt.redis.xlen(rt.settings.keys.thumbnails) == 1
+
+
+async def test_terminal_rows_are_left_alone(rt: Runtime, alice: UserAuth) -> None:
+    for status in ("failed", "cancelled"):
+        await _generation(rt, alice, status=status)
+    assert sum((await Reconciler(rt).tick()).values()) == 0
+
+
+async def test_two_reconcilers_never_act_on_one_row(rt: Runtime, alice: UserAuth) -> None:
+    ids = [await _generation(rt, alice) for _ in range(300)]
+    a, b = Reconciler(rt), Reconciler(rt)
+    counts = await asyncio.gather(a.tick(), b.tick(), a.tick(), b.tick())
+    assert sum(c["requeue"] for c in counts) == 300
+    requested = await _requested(rt)
+    assert sorted(m.generation_id for m in requested) == sorted(ids)
+
+
+async def test_retry_after_a_result_arrived_changes_nothing(rt: Runtime, alice: UserAuth) -> None:
+    """The reconciler's CAS loses to a completion that landed after the lease."""
+    gid = await _generation(rt, alice, status="submitted")
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.COMPLETED, image_key="k")
+    assert await lifecycle.retry(rt.pool, gid, attempt=1) is None
+    assert (await _row(rt, gid))["status"] == "completed"
