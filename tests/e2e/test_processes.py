@@ -80,7 +80,7 @@ class Procs:
 
     def tail(self) -> str:
         return "\n".join(
-            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+            f"--- {p.name}\n{p.read_text()[-12000:]}" for p in sorted(self.logs.glob("*.log"))
         )
 
 
