@@ -13,11 +13,11 @@ from datetime import timedelta
 
 import structlog
 
-from consumers.notify import notify
 from core import lifecycle
 from core.events import GenerationRequested
 from core.lifecycle import Status
 from core.logging import get_logger
+from core.notify import notify
 from core.runtime import Runtime
 from providers.base import Job, Provider, classify
 

@@ -12,11 +12,11 @@ from datetime import timedelta
 
 import structlog
 
-from consumers.notify import notify
 from core import lifecycle
 from core.events import GenerationRequested, JobStatus, ThumbnailRequested
 from core.lifecycle import Status
 from core.logging import get_logger
+from core.notify import notify
 from core.runtime import Runtime
 
 log = get_logger(__name__)

@@ -11,10 +11,10 @@ import asyncio
 
 import structlog
 
-from consumers.notify import notify
 from core.events import ThumbnailRequested
 from core.imaging import ImageRejected, make_thumbnail
 from core.logging import get_logger
+from core.notify import notify
 from core.runtime import Runtime
 from core.storage import ObjectNotFound, thumbnail_key
 

@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 from datetime import timedelta
 
-from consumers.notify import notify
 from core import lifecycle
 from core.events import GenerationRequested, ThumbnailRequested
 from core.lifecycle import Status
 from core.logging import get_logger
+from core.notify import notify
 from core.runtime import Runtime
 
 log = get_logger(__name__)

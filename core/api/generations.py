@@ -7,11 +7,13 @@ from datetime import timedelta
 from aiohttp import web
 
 from core import generations as gens
+from core import lifecycle
 from core.api.http import json_response, parse_body, parse_uuid, require_user, runtime_key
-from core.errors import InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from core.events import GenerationRequested
 from core.lifecycle import Status
 from core.logging import get_logger
+from core.notify import notify
 from core.storage import ObjectNotFound
 
 log = get_logger("gengui.api")
@@ -145,3 +147,65 @@ async def generation_image(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/v1/generations/{id}/thumbnail")
 async def generation_thumbnail(request: web.Request) -> web.StreamResponse:
     return await _serve_object(request, "thumbnail_key", None)
+
+
+@routes.post("/api/v1/generations/{id}/cancel")
+async def cancel_generation(request: web.Request) -> web.Response:
+    """Authoritative: once cancelled, a late result is refused and its image deleted."""
+    principal = await require_user(request)
+    rt = request.app[runtime_key]
+    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
+    if row is None:
+        raise NotFound()
+    cancelled = await lifecycle.transition(
+        rt.pool, row["id"], attempt=row["attempt"], to=Status.CANCELLED, detail={"by": "user"}
+    )
+    if cancelled is None:
+        current = await gens.get(rt.pool, principal.user_id, row["id"])
+        assert current is not None
+        if current["status"] == Status.CANCELLED:
+            return json_response(gens.resource(current))  # cancelling twice is fine
+        raise Conflict(
+            f"a {current['status']} generation cannot be cancelled",
+            code="invalid_state",
+            details={"status": current["status"]},
+        )
+    await notify(rt.publisher, cancelled, "generation.cancelled")
+    return json_response(gens.resource(cancelled))
+
+
+@routes.post("/api/v1/generations/{id}/retry")
+async def retry_generation(request: web.Request) -> web.Response:
+    """A failed generation starts a new attempt; results of the old one stay ignored."""
+    principal = await require_user(request)
+    rt = request.app[runtime_key]
+    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
+    if row is None:
+        raise NotFound()
+    s = rt.settings
+    retried = await lifecycle.retry(
+        rt.pool,
+        row["id"],
+        attempt=row["attempt"],
+        allowed_from=frozenset({Status.FAILED}),
+        detail={"by": "user"},
+        error_code=None,
+        error_message=None,
+        next_check_at=lifecycle.due_in(timedelta(seconds=s.dispatch_grace_s)),
+        deadline_at=lifecycle.due_in(timedelta(seconds=s.generation_deadline_s)),
+    )
+    if retried is None:
+        raise Conflict(
+            f"only a failed generation can be retried; this one is {row['status']}",
+            code="invalid_state",
+            details={"status": row["status"]},
+        )
+    try:
+        await rt.publisher.send(
+            s.keys.requested,
+            GenerationRequested(generation_id=retried["id"], attempt=retried["attempt"]),
+        )
+    except Exception as exc:
+        log.warning("api.publish_failed", generation_id=str(retried["id"]), error=repr(exc))
+    await notify(rt.publisher, retried, "generation.queued")
+    return json_response(gens.resource(retried), status=202)
