@@ -130,6 +130,30 @@ async def _create_user(settings: Settings, email: str, plan: str) -> str:
     return token
 
 
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from core import dlq
+    from core.runtime import resolve_settings
+    from core.streams import shared_client
+
+    settings = resolve_settings(settings)
+    assert settings.redis_url
+    redis = shared_client(settings.redis_url, max_connections=2)
+    try:
+        if args.dlq_command == "list":
+            for entry_id, letter in await dlq.list_dead(redis, settings.keys):
+                print(f"{entry_id}\t{letter.stream}\t{letter.deliveries}\t{letter.error[:120]}")
+            return 0
+        try:
+            new_id = await dlq.replay(redis, settings.keys, args.id)
+        except KeyError:
+            print(f"no dead letter {args.id}", file=sys.stderr)
+            return 1
+        print(new_id)
+        return 0
+    finally:
+        await redis.aclose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gengui", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--engine", help="engine name (default GENGUI_WORKER_ENGINE)")
     sub.add_parser("reconciler", help="the recovery loops")
     sub.add_parser("migrate", help="alembic upgrade head")
+    dlq = sub.add_parser("dlq", help="dead-lettered messages").add_subparsers(
+        dest="dlq_command", required=True
+    )
+    dlq.add_parser("list", help="list dead letters (id, stream, deliveries, error)")
+    replay = dlq.add_parser("replay", help="put a dead letter back on its stream")
+    replay.add_argument("id")
     users = sub.add_parser("users", help="manage users").add_subparsers(
         dest="users_command", required=True
     )
@@ -171,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolved = resolve_settings(settings, need_redis=False)
         assert resolved.database_url
         migrate(resolved.database_url)
+    elif args.command == "dlq":
+        return asyncio.run(_dlq(settings, args))
     elif args.command == "users":
         token = asyncio.run(_create_user(settings, args.email, args.plan))
         print(token)

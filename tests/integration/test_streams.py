@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
 from core.events import DeadLetter, GenerationRequested
@@ -152,3 +153,27 @@ async def test_consumer_recreates_a_deleted_stream_and_group(
             await rt.redis.xadd(rt.settings.keys.requested, encode(second))
             await rec.event.wait()
     assert rec.seen == [msg, second]
+
+
+async def test_dead_letter_can_be_listed_and_replayed_once(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    from core import dlq
+
+    rec = Recorder(fail_times=1000)
+    async with consuming(rt, rec, max_deliveries=2):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        async with asyncio.timeout(10):
+            while not await rt.redis.exists(rt.settings.keys.dead):
+                await asyncio.sleep(0.05)
+    ((dead_id, letter),) = await dlq.list_dead(rt.redis, rt.settings.keys)
+    assert letter.stream == rt.settings.keys.requested and "boom" in letter.error
+
+    fixed = Recorder()
+    async with consuming(rt, fixed, name="fixed"):
+        await dlq.replay(rt.redis, rt.settings.keys, dead_id)
+        await asyncio.wait_for(fixed.event.wait(), 5)
+    assert fixed.seen == [msg]
+    assert await dlq.list_dead(rt.redis, rt.settings.keys) == []
+    with pytest.raises(KeyError):
+        await dlq.replay(rt.redis, rt.settings.keys, dead_id)
