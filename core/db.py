@@ -31,6 +31,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
+
+
 async def create_pool(url: str, *, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         asyncpg_dsn(url),
@@ -39,6 +43,9 @@ async def create_pool(url: str, *, max_size: int = 10, **kwargs: Any) -> asyncpg
         init=_init_connection,
         # Statements are few and fixed; cache them all.
         statement_cache_size=256,
+        # asyncpg's default reset (UNLISTEN, advisory unlock, RESET ALL) costs a round
+        # trip per release; gengui uses none of the session state it clears.
+        reset=_no_reset,
         **kwargs,
     )
     assert pool is not None

@@ -8,10 +8,12 @@ byte-identical PNGs for a given Pillow/zlib build.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import random
+import threading
 from typing import Final
 
 from PIL import Image, ImageDraw, ImageFont
@@ -79,13 +81,20 @@ def _shapes(
             draw.rectangle(box, fill=fill)
 
 
+@functools.lru_cache(maxsize=64)
+def _font(size: int, thread_id: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Loading the bundled font costs more than drawing the whole picture, and sizes are
+    # few. One font per thread: a FreeType face is not safe to share between threads.
+    return ImageFont.load_default(size=size)
+
+
 def _caption(draw: ImageDraw.ImageDraw, width: int, height: int, prompt: str) -> None:
     """Write the start of the prompt in the bottom-left corner."""
     text = " ".join(prompt.split())[:_CAPTION_CHARS]
     if not text:
         return
     size = max(8, min(width, height) // 24)
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont = ImageFont.load_default(size=size)
+    font = _font(size, threading.get_ident())
     if not isinstance(font, ImageFont.FreeTypeFont):
         # The bitmap fallback font (Pillow without FreeType) is Latin-1 only.
         text = text.encode("latin-1", "replace").decode("latin-1")
