@@ -133,34 +133,57 @@ class StreamConsumer(Generic[M]):
         log.info("consumer.started", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
         next_reclaim = 0.0
         backoff_s = 0.1
-        while not stop.is_set():
-            try:
-                if time.monotonic() >= next_reclaim:
-                    await self.reclaim()
-                    next_reclaim = time.monotonic() + cfg.reclaim_interval_s
-                response = await self.reader.xreadgroup(
-                    cfg.group, cfg.consumer, {cfg.stream: ">"}, count=cfg.batch, block=cfg.block_ms
-                )
-                backoff_s = 0.1
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream or group vanished (FLUSHALL, restart): make it again.
-                log.warning("consumer.group_recreated", stream=cfg.stream, group=cfg.group)
-                await self.ensure_group()
-                continue
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("consumer.redis_unavailable", stream=cfg.stream, error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
-                continue
-            entries: list[Entry] = [
-                entry for _, stream_entries in cast(list[Any], response) for entry in stream_entries
-            ]
-            if entries:
-                await self.process(entries)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    if time.monotonic() >= next_reclaim:
+                        await self.reclaim()
+                        next_reclaim = time.monotonic() + cfg.reclaim_interval_s
+                    response = await self._read(stopping)
+                    backoff_s = 0.1
+                except ResponseError as exc:
+                    # NOGROUP on the next read, or UNBLOCKED for a read parked on the key
+                    # when it was deleted: the stream or group vanished (FLUSHALL, a
+                    # restart without persistence). Make them again and read on.
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        raise
+                    log.warning("consumer.group_recreated", stream=cfg.stream, group=cfg.group)
+                    await self.ensure_group()
+                    continue
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    log.warning("consumer.redis_unavailable", stream=cfg.stream, error=str(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff_s)
+                    backoff_s = min(backoff_s * 2, 5.0)
+                    continue
+                entries: list[Entry] = [
+                    entry
+                    for _, stream_entries in cast(list[Any], response)
+                    for entry in stream_entries
+                ]
+                if entries:
+                    await self.process(entries)
+        finally:
+            stopping.cancel()
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
+
+    async def _read(self, stopping: asyncio.Future[Any]) -> Any:
+        """One XREADGROUP BLOCK, abandoned when stop is asked (returns []): shutdown never
+        waits out a long block. Entries a cancelled read had already taken stay pending
+        and are reclaimed like any other."""
+        cfg = self.config
+        read = asyncio.ensure_future(
+            self.reader.xreadgroup(
+                cfg.group, cfg.consumer, {cfg.stream: ">"}, count=cfg.batch, block=cfg.block_ms
+            )
+        )
+        await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        read.cancel()
+        await asyncio.gather(read, return_exceptions=True)
+        return []
 
     async def process(self, entries: Sequence[Entry]) -> None:
         """Handle a batch: bounded concurrency, one XACK for everything that succeeded."""

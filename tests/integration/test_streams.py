@@ -177,3 +177,23 @@ async def test_dead_letter_can_be_listed_and_replayed_once(
     assert await dlq.list_dead(rt.redis, rt.settings.keys) == []
     with pytest.raises(KeyError):
         await dlq.replay(rt.redis, rt.settings.keys, dead_id)
+
+
+async def test_read_parked_on_a_deleted_stream_recovers(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    """Redis answers a BLOCKed XREADGROUP with UNBLOCKED when its key is deleted (FLUSHALL)."""
+    rec = Recorder()
+    # A long BLOCK makes sure the read is parked when the key goes; stopping must not wait for it.
+    async with consuming(rt, rec, block_ms=30_000, reclaim_interval_s=3600):
+        async with asyncio.timeout(5):
+            while not any(
+                c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+                for c in await rt.redis.client_list()
+            ):
+                await asyncio.sleep(0.01)
+        await rt.redis.delete(rt.settings.keys.requested)
+        await asyncio.sleep(0.1)  # let the UNBLOCKED reply reach the consumer first
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 5)
+    assert rec.seen == [msg]
