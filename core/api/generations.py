@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import asyncpg
 from aiohttp import web
 
 from core import generations as gens
 from core import lifecycle
 from core.api.http import json_response, parse_body, parse_uuid, require_user, runtime_key
+from core.auth import Principal
 from core.errors import Conflict, InvalidInput, NotFound
 from core.events import GenerationRequested
 from core.lifecycle import Status
@@ -95,25 +97,28 @@ async def latest_generation(request: web.Request) -> web.Response:
     return json_response(gens.resource(row))
 
 
-@routes.get("/api/v1/generations/{id}")
-async def get_generation(request: web.Request) -> web.Response:
+async def _owned(request: web.Request) -> tuple[Principal, asyncpg.Record]:
+    """The signed-in user and the generation in the path; 404 unless it is theirs."""
     principal = await require_user(request)
     row = await gens.get(
         request.app[runtime_key].pool, principal.user_id, parse_uuid(request.match_info["id"])
     )
     if row is None:
         raise NotFound()
+    return principal, row
+
+
+@routes.get("/api/v1/generations/{id}")
+async def get_generation(request: web.Request) -> web.Response:
+    _, row = await _owned(request)
     return json_response(gens.resource(row))
 
 
 async def _serve_object(
     request: web.Request, column: str, content_type_column: str | None
 ) -> web.StreamResponse:
-    principal = await require_user(request)
+    _, row = await _owned(request)
     rt = request.app[runtime_key]
-    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
-    if row is None:
-        raise NotFound()
     key = row[column]
     if key is None:
         raise NotFound("not ready yet", code="not_ready")
@@ -152,11 +157,8 @@ async def generation_thumbnail(request: web.Request) -> web.StreamResponse:
 @routes.post("/api/v1/generations/{id}/cancel")
 async def cancel_generation(request: web.Request) -> web.Response:
     """Authoritative: once cancelled, a late result is refused and its image deleted."""
-    principal = await require_user(request)
+    principal, row = await _owned(request)
     rt = request.app[runtime_key]
-    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
-    if row is None:
-        raise NotFound()
     cancelled = await lifecycle.transition(
         rt.pool, row["id"], attempt=row["attempt"], to=Status.CANCELLED, detail={"by": "user"}
     )
@@ -177,11 +179,8 @@ async def cancel_generation(request: web.Request) -> web.Response:
 @routes.post("/api/v1/generations/{id}/retry")
 async def retry_generation(request: web.Request) -> web.Response:
     """A failed generation starts a new attempt; results of the old one stay ignored."""
-    principal = await require_user(request)
+    _, row = await _owned(request)
     rt = request.app[runtime_key]
-    row = await gens.get(rt.pool, principal.user_id, parse_uuid(request.match_info["id"]))
-    if row is None:
-        raise NotFound()
     s = rt.settings
     retried = await lifecycle.retry(
         rt.pool,
