@@ -18,6 +18,7 @@ from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
 from core.runtime import Runtime
+from core.storage import generation_prefix, sweep
 
 log = get_logger(__name__)
 
@@ -84,6 +85,15 @@ class StatusProcessor:
             await self._discard_unused_image(msg)
             return
         log.info("generation.completed")
+        if row["attempt"] > 1:
+            # Earlier attempts may have stored images whose reports never arrived.
+            stale = await sweep(
+                self.rt.storage,
+                generation_prefix(row["user_id"], row["id"]),
+                keep={msg.image_key},
+            )
+            if stale:
+                log.info("status.stale_objects_deleted", count=len(stale))
         await self.rt.publisher.send(
             self.rt.settings.keys.thumbnails,
             ThumbnailRequested(

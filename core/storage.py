@@ -79,6 +79,23 @@ def _validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def generation_prefix(user_id: uuid.UUID | str, generation_id: uuid.UUID | str) -> str:
+    """Every object of one generation, all attempts, lives under this prefix."""
+    return f"users/{user_id}/generations/{generation_id}/"
+
+
+async def sweep(storage: Storage, prefix: str, keep: set[str]) -> list[str]:
+    """Delete every object under ``prefix`` but ``keep``; returns the deleted keys.
+
+    An attempt whose worker stored its image but whose report was lost (a Redis
+    restart, a crash between upload and report) leaves an object nothing refers to;
+    the attempt that wins sweeps it."""
+    stale = [key for key in await storage.list_keys(prefix) if key not in keep]
+    for key in stale:
+        await storage.delete(key)
+    return stale
+
+
 # Keys carry the attempt: a late result of an older attempt can never overwrite the
 # image of a newer one, and the status consumer deletes such a refused object by key.
 def original_key(

@@ -103,6 +103,9 @@ class ConsumerConfig:
     reclaim_interval_s: float = 5.0
     max_deliveries: int = 5
     dead_stream: str = "gengui:dead"
+    # True where someone else owns retries (the reconciler, with a new attempt): idle
+    # entries are then acked away instead of being run again under the same attempt.
+    drop_idle: bool = False
 
 
 Handler = Callable[[M], Awaitable[None]]
@@ -226,6 +229,10 @@ class StreamConsumer(Generic[M]):
         if not pending:
             return
         deliveries: dict[bytes, int] = {p["message_id"]: p["times_delivered"] for p in pending}
+        if cfg.drop_idle:
+            await self.ops.xack(cfg.stream, cfg.group, *deliveries)
+            log.info("consumer.idle_dropped", stream=cfg.stream, count=len(deliveries))
+            return
         # XCLAIM re-checks idleness, so two reclaiming replicas never both win an entry.
         claimed = await self.ops.xclaim(
             cfg.stream,

@@ -112,8 +112,11 @@ def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
             "worker",
             batch=n,
             concurrency=n,
-            # A job may run for minutes; only one silent this long is taken over.
+            # A job of a dead worker is not run again under its attempt: the reconciler
+            # starts attempt + 1 once the row has been silent for local_check_s, and
+            # the old entry is only cleared from the pending list after that.
             reclaim_idle_ms=int(rt.settings.local_check_s * 1000),
+            drop_idle=True,
         ),
         LocalJob,
         worker.handle,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
@@ -11,10 +12,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from consumers.runner import consumer_loops
 from core.api.app import create_app
+from core.events import LocalJob
+from core.keys import GROUP_GPU_WORKERS
 from core.runtime import Runtime
-from core.streams import Publisher
+from core.streams import Publisher, StreamConsumer, dedicated_client
 from providers.local.engines import load_engine
-from providers.local.worker import worker_loops
+from providers.local.worker import Worker, worker_loops
 from reconciler.loop import Reconciler
 from tests.conftest import UserAuth, running
 
@@ -82,3 +85,59 @@ async def test_redis_losing_every_stream_mid_run_still_completes_everything(
     assert {r["image_key"] for r in referenced} | {r["thumbnail_key"] for r in referenced} == set(
         stored
     )
+
+
+async def test_job_of_a_dead_worker_is_finished_by_another_under_a_new_attempt(
+    fast_client: TestClient, fast_rt: Runtime, alice: UserAuth
+) -> None:
+    """A worker says "processing" and dies; the reconciler starts attempt 2 and a live
+    worker finishes it. The dead worker's attempt-1 job is never run again."""
+    hung = asyncio.Event()
+    reporter = Worker(fast_rt, load_engine("placeholder"))
+
+    async def dies_mid_job(job: LocalJob) -> None:
+        await reporter._report(job, state="processing")
+        hung.set()
+        await asyncio.sleep(3600)
+
+    reader = dedicated_client(fast_rt.redis_url)
+    doomed = StreamConsumer(
+        reader,
+        fast_rt.redis,
+        fast_rt.consumer_config(
+            fast_rt.settings.keys.jobs_local, GROUP_GPU_WORKERS, "doomed", batch=1
+        ),
+        LocalJob,
+        dies_mid_job,
+    )
+    async with running(consumer_loops(fast_rt)):
+        doomed_task = asyncio.create_task(doomed.run(asyncio.Event()))
+        resp = await fast_client.post(
+            "/api/v1/generations",
+            json={"prompt": "x", "width": 256, "height": 256},
+            headers=alice.headers,
+        )
+        gid = uuid.UUID((await resp.json())["id"])
+        await asyncio.wait_for(hung.wait(), 10)
+        doomed_task.cancel()  # killed mid-job: no ack, no result
+        await asyncio.gather(doomed_task, return_exceptions=True)
+        await reader.aclose()
+
+        live = {
+            **worker_loops(fast_rt, load_engine("placeholder")),
+            "reconciler": Reconciler(fast_rt).run,
+        }
+        async with running(live), asyncio.timeout(20):
+            while True:
+                row = await fast_rt.pool.fetchrow(
+                    "SELECT status, attempt, image_key, thumbnail_key FROM generations"
+                    " WHERE id = $1",
+                    gid,
+                )
+                if row["thumbnail_key"]:
+                    break
+                await asyncio.sleep(0.05)
+    assert (row["status"], row["attempt"]) == ("completed", 2)
+    stored = await fast_rt.storage.list_keys(f"users/{alice.user_id}/")
+    assert [k for k in stored if "/original." in k] == [row["image_key"]]
+    assert f"/{gid}/2/" in row["image_key"]

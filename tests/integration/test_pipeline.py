@@ -154,3 +154,28 @@ async def test_retryable_failure_starts_a_new_attempt_then_fails_after_the_last(
     )
     requested = await rt.redis.xlen(rt.settings.keys.requested)
     assert requested == rt.settings.max_attempts - 1
+
+
+async def test_completion_of_a_later_attempt_sweeps_an_earlier_attempts_unreported_image(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    from consumers.status import StatusProcessor
+
+    gid = await _queued_generation(rt, alice)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    # Attempt 1 stored its image, but its report was lost; the reconciler retried.
+    lost = original_key(alice.user_id, gid, 1, "png")
+    await rt.storage.put(lost, b"lost", "image/png")
+    assert await lifecycle.retry(rt.pool, gid, attempt=1)
+    assert await lifecycle.transition(rt.pool, gid, attempt=2, to=Status.SUBMITTED)
+    key = original_key(alice.user_id, gid, 2, "png")
+    await rt.storage.put(key, b"new", "image/png")
+    other_user_key = original_key(uuid.uuid4(), uuid.uuid4(), 1, "png")
+    await rt.storage.put(other_user_key, b"other", "image/png")
+    await StatusProcessor(rt).handle(
+        JobStatus(
+            generation_id=gid, attempt=2, state="completed", image_key=key, content_type="image/png"
+        )
+    )
+    assert await rt.storage.list_keys(f"users/{alice.user_id}/") == [key]
+    assert await rt.storage.exists(other_user_key)

@@ -197,3 +197,21 @@ async def test_read_parked_on_a_deleted_stream_recovers(
         await rt.publisher.send(rt.settings.keys.requested, msg)
         await asyncio.wait_for(rec.event.wait(), 5)
     assert rec.seen == [msg]
+
+
+async def test_drop_idle_clears_a_dead_consumers_entry_without_running_it(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    """Local workers: the reconciler retries with a new attempt, so the old job is not rerun."""
+    reader = dedicated_client(rt.redis_url)
+    await reader.xgroup_create(rt.settings.keys.requested, "g", id="0", mkstream=True)
+    await rt.publisher.send(rt.settings.keys.requested, msg)
+    await reader.xreadgroup("g", "dead-worker", {rt.settings.keys.requested: ">"}, count=1)
+    await reader.aclose()
+    assert await _pending(rt) == 1
+    rec = Recorder()
+    async with consuming(rt, rec, name="live-worker", drop_idle=True):
+        async with asyncio.timeout(5):
+            while await _pending(rt):
+                await asyncio.sleep(0.05)
+    assert rec.seen == []
