@@ -85,15 +85,16 @@ class StatusProcessor:
             await self._discard_unused_image(msg)
             return
         log.info("generation.completed")
-        if row["attempt"] > 1:
-            # Earlier attempts may have stored images whose reports never arrived.
-            stale = await sweep(
-                self.rt.storage,
-                generation_prefix(row["user_id"], row["id"]),
-                keep={msg.image_key},
-            )
-            if stale:
-                log.info("status.stale_objects_deleted", count=len(stale))
+        prefix = generation_prefix(row["user_id"], row["id"])
+        # A worker killed mid-write leaves a partial file; the winning report clears it.
+        # Any other writer of this generation is stale: its rename simply fails.
+        partials = await self.rt.storage.discard_partials(prefix)
+        # Earlier attempts may have stored images whose reports never arrived.
+        stale = (
+            await sweep(self.rt.storage, prefix, keep={msg.image_key}) if row["attempt"] > 1 else []
+        )
+        if stale or partials:
+            log.info("status.stale_objects_deleted", count=len(stale), partials=partials)
         await self.rt.publisher.send(
             self.rt.settings.keys.thumbnails,
             ThumbnailRequested(

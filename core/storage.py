@@ -48,6 +48,10 @@ class Storage(Protocol):
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key starting with `prefix` (plain string prefix), sorted."""
 
+    async def discard_partials(self, prefix: str) -> int:
+        """Delete half-written objects under ``prefix`` (a writer killed mid-put);
+        returns how many. Backends whose puts are atomic have none."""
+
     async def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A time-limited public GET URL, or None when the API must stream it."""
 
@@ -195,6 +199,24 @@ class LocalStorage:
 
         return await asyncio.to_thread(walk)
 
+    async def discard_partials(self, prefix: str) -> int:
+        _validate_prefix(prefix)
+        base = self.root / prefix.rpartition("/")[0]
+
+        def remove() -> int:
+            if not base.resolve().is_relative_to(self.root):
+                return 0
+            removed = 0
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if name.startswith(_TMP_PREFIX):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(dirpath, name))
+                            removed += 1
+            return removed
+
+        return await asyncio.to_thread(remove)
+
     async def presigned_url(self, key: str, expires_s: int) -> str | None:
         validate_key(key)
         return None
@@ -310,6 +332,10 @@ class S3Storage:
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=_validate_prefix(prefix)):
             keys.extend(str(item["Key"]) for item in page.get("Contents", []))
         return sorted(keys)
+
+    async def discard_partials(self, prefix: str) -> int:
+        _validate_prefix(prefix)
+        return 0  # an S3 PUT is atomic: there is no half-written object
 
     async def presigned_url(self, key: str, expires_s: int) -> str | None:
         url: str = await self._presigner.generate_presigned_url(

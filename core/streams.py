@@ -132,18 +132,30 @@ class StreamConsumer(Generic[M]):
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        await self.ensure_group()
         log.info("consumer.started", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
+        need_group = True  # also after a vanished group; retried while Redis is away
         next_reclaim = 0.0
         backoff_s = 0.1
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
                 try:
+                    if need_group:
+                        await self.ensure_group()
+                        need_group = False
                     if time.monotonic() >= next_reclaim:
                         await self.reclaim()
                         next_reclaim = time.monotonic() + cfg.reclaim_interval_s
                     response = await self._read(stopping)
+                    entries: list[Entry] = [
+                        entry
+                        for _, stream_entries in cast(list[Any], response)
+                        for entry in stream_entries
+                    ]
+                    if entries:
+                        # A failed XACK here (Redis gone) leaves entries pending; they
+                        # are handled again after a reclaim, which handlers allow.
+                        await self.process(entries)
                     backoff_s = 0.1
                 except ResponseError as exc:
                     # NOGROUP on the next read, or UNBLOCKED for a read parked on the key
@@ -152,7 +164,7 @@ class StreamConsumer(Generic[M]):
                     if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
                     log.warning("consumer.group_recreated", stream=cfg.stream, group=cfg.group)
-                    await self.ensure_group()
+                    need_group = True
                     continue
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     log.warning("consumer.redis_unavailable", stream=cfg.stream, error=str(exc))
@@ -160,13 +172,6 @@ class StreamConsumer(Generic[M]):
                         await asyncio.wait_for(stop.wait(), backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
                     continue
-                entries: list[Entry] = [
-                    entry
-                    for _, stream_entries in cast(list[Any], response)
-                    for entry in stream_entries
-                ]
-                if entries:
-                    await self.process(entries)
         finally:
             stopping.cancel()
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)

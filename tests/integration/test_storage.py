@@ -312,3 +312,19 @@ async def test_s3_create_bucket_is_idempotent(moto_endpoint: str, key: str, regi
             await second.close()
     finally:
         await first.close()
+
+
+async def test_discard_partials_removes_only_half_written_files(storage: Storage, key: str) -> None:
+    await storage.put(key, b"whole", "image/png")
+    prefix = key.rpartition("/")[0] + "/"
+    expected = 0
+    if isinstance(storage, LocalStorage):
+        # What a writer killed between write and rename leaves behind.
+        partial = storage.root / prefix / ".tmp-killed"
+        partial.write_bytes(b"half")
+        expected = 1
+    assert await storage.discard_partials(prefix) == expected
+    assert await storage.list_keys(prefix) == [key]
+    assert await storage.get(key) == b"whole"
+    if isinstance(storage, LocalStorage):
+        assert not (storage.root / prefix / ".tmp-killed").exists()

