@@ -16,12 +16,24 @@ from core.events import GenerationRequested
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
+from core.runtime import Runtime
 from core.storage import ObjectNotFound
 
 log = get_logger("gengui.api")
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
+
+
+async def _request_dispatch(rt: Runtime, row: asyncpg.Record) -> None:
+    try:
+        await rt.publisher.send(
+            rt.settings.keys.requested,
+            GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
+        )
+    except Exception as exc:
+        # The row is committed: the reconciler publishes it again after the grace period.
+        log.warning("api.publish_failed", generation_id=str(row["id"]), error=repr(exc))
 
 
 @routes.post("/api/v1/generations")
@@ -45,14 +57,7 @@ async def create_generation(request: web.Request) -> web.Response:
         deadline=timedelta(seconds=s.generation_deadline_s),
     )
     if created:
-        try:
-            await rt.publisher.send(
-                s.keys.requested,
-                GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
-            )
-        except Exception as exc:
-            # The row is committed: the reconciler publishes it again after the grace period.
-            log.warning("api.publish_failed", generation_id=str(row["id"]), error=repr(exc))
+        await _request_dispatch(rt, row)
         log.info("generation.created", generation_id=str(row["id"]))
     headers = {"Location": f"/api/v1/generations/{row['id']}"}
     if not created:
@@ -199,12 +204,6 @@ async def retry_generation(request: web.Request) -> web.Response:
             code="invalid_state",
             details={"status": row["status"]},
         )
-    try:
-        await rt.publisher.send(
-            s.keys.requested,
-            GenerationRequested(generation_id=retried["id"], attempt=retried["attempt"]),
-        )
-    except Exception as exc:
-        log.warning("api.publish_failed", generation_id=str(retried["id"]), error=repr(exc))
+    await _request_dispatch(rt, retried)
     await notify(rt.publisher, retried, "generation.queued")
     return json_response(gens.resource(retried), status=202)
