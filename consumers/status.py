@@ -13,10 +13,11 @@ from datetime import timedelta
 import structlog
 
 from core import lifecycle
-from core.events import GenerationRequested, JobStatus, ThumbnailRequested
+from core.events import JobStatus, ThumbnailRequested
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
+from core.retry import next_attempt_due
 from core.runtime import Runtime
 from core.storage import generation_prefix, sweep
 
@@ -126,15 +127,10 @@ class StatusProcessor:
                 attempt=msg.attempt,
                 allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
                 detail={"error_code": code, "error_message": message},
-                next_check_at=lifecycle.due_in(
-                    timedelta(seconds=self.rt.settings.dispatch_grace_s)
-                ),
+                # Waits out its backoff as a queued row; the reconciler publishes it.
+                next_check_at=next_attempt_due(msg.attempt, self.rt.settings),
             )
             if row is not None:
-                await self.rt.publisher.send(
-                    self.rt.settings.keys.requested,
-                    GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
-                )
                 await notify(self.rt.publisher, row, "generation.queued")
                 return
         row = await lifecycle.transition(

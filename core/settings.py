@@ -62,6 +62,8 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A local job silent this long (no status, progress) is retried."
     )
     max_attempts: int = Field(3, ge=1, description="Attempts before a generation fails for good.")
+    retry_base_s: float = Field(2.0, gt=0, description="Backoff before the 2nd attempt; doubles.")
+    retry_cap_s: float = Field(60.0, gt=0, description="Longest backoff between attempts.")
     thumbnail_grace_s: float = Field(
         60.0, gt=0, description="Completed without thumbnail: ask again."
     )

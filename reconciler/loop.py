@@ -25,6 +25,7 @@ from core.events import GenerationRequested, ThumbnailRequested
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
+from core.retry import next_attempt_due
 from core.runtime import Runtime
 
 log = get_logger(__name__)
@@ -107,19 +108,18 @@ class Reconciler:
             if failed is not None:
                 await notify(rt.publisher, failed, "generation.failed")
             return "exhausted" if failed is not None else None
+        # The new attempt waits out its backoff as a queued row; the requeue path
+        # publishes it when due, so a retry survives losing the stream too.
         retried = await lifecycle.retry(
             rt.pool,
             gid,
             attempt=attempt,
             allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
             detail={"reason": "no_report"},
-            next_check_at=lifecycle.due_in(self.grace),
+            next_check_at=next_attempt_due(attempt, rt.settings),
         )
         if retried is None:
             return None
-        await rt.publisher.send(
-            keys.requested, GenerationRequested(generation_id=gid, attempt=retried["attempt"])
-        )
         await notify(rt.publisher, retried, "generation.queued")
         return "retry"
 

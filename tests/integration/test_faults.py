@@ -26,7 +26,12 @@ from tests.conftest import UserAuth, running
 async def fast_rt(rt: Runtime) -> Runtime:
     # Short recovery bounds so the test sees the backup path act within seconds.
     settings = rt.settings.model_copy(
-        update={"dispatch_grace_s": 0.5, "local_check_s": 1.0, "thumbnail_grace_s": 1.0}
+        update={
+            "dispatch_grace_s": 0.5,
+            "local_check_s": 1.0,
+            "thumbnail_grace_s": 1.0,
+            "retry_base_s": 0.2,
+        }
     )
     return dataclasses.replace(rt, settings=settings, publisher=Publisher(rt.redis, settings.keys))
 

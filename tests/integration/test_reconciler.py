@@ -51,12 +51,21 @@ async def test_queued_past_grace_is_published_again_once_per_grace(
     assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=1)]
 
 
-async def test_silent_submitted_job_gets_a_new_attempt(rt: Runtime, alice: UserAuth) -> None:
+async def test_silent_submitted_job_gets_a_new_attempt_after_a_backoff(
+    rt: Runtime, alice: UserAuth
+) -> None:
     gid = await _generation(rt, alice, status="submitted")
-    counts = await Reconciler(rt).tick()
+    rec = Reconciler(rt)
+    counts = await rec.tick()
     assert counts["retry"] == 1
     row = await _row(rt, gid)
     assert (row["status"], row["attempt"]) == ("queued", 2)
+    # It waits out its backoff (1..2 s for the first retry) before it is published.
+    wait_s = (row["next_check_at"] - row["updated_at"]).total_seconds()
+    assert rt.settings.retry_base_s / 2 <= wait_s <= rt.settings.retry_base_s + 0.5
+    assert await _requested(rt) == []
+    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    assert (await rec.tick())["requeue"] == 1
     assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=2)]
 
 
