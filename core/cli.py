@@ -8,11 +8,15 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from core.logging import configure_logging, get_logger
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
 
 log = get_logger("gengui.cli")
 
@@ -31,13 +35,14 @@ def migrate(database_url: str) -> None:
 
 
 async def _serve_api(
-    settings: Settings, stop: asyncio.Event, runtime: object | None = None
+    settings: Settings, stop: asyncio.Event, runtime: Runtime | None = None
 ) -> None:
     from core.api.app import create_app
 
-    app = create_app(settings, runtime)  # type: ignore[arg-type]
+    app = create_app(settings, runtime)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
+    # reuse_port: several API processes on one host share the port (the kernel balances).
     site = web.TCPSite(runner, settings.api_host, settings.api_port, reuse_port=True)
     await site.start()
     log.info("api.listening", url=settings.base_url)
