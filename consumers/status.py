@@ -19,7 +19,7 @@ from core.logging import get_logger
 from core.notify import notify
 from core.retry import next_attempt_due
 from core.runtime import Runtime
-from core.storage import generation_prefix, sweep
+from core.storage import clear_generation, generation_prefix, sweep
 
 log = get_logger(__name__)
 
@@ -143,4 +143,5 @@ class StatusProcessor:
         )
         if row is not None:
             log.info("generation.failed", error_code=code)
+            await clear_generation(self.rt.storage, row["user_id"], row["id"])
             await notify(self.rt.publisher, row, "generation.failed")

@@ -100,6 +100,16 @@ async def sweep(storage: Storage, prefix: str, keep: set[str]) -> list[str]:
     return stale
 
 
+async def clear_generation(
+    storage: Storage, user_id: uuid.UUID | str, generation_id: uuid.UUID | str
+) -> int:
+    """A generation that ended without an image (failed, cancelled) keeps no object:
+    not an image whose report was lost, not a half-written file."""
+    prefix = generation_prefix(user_id, generation_id)
+    partials = await storage.discard_partials(prefix)
+    return partials + len(await sweep(storage, prefix, keep=set()))
+
+
 # Keys carry the attempt: a late result of an older attempt can never overwrite the
 # image of a newer one, and the status consumer deletes such a refused object by key.
 def original_key(

@@ -27,6 +27,7 @@ from core.logging import get_logger
 from core.notify import notify
 from core.retry import next_attempt_due
 from core.runtime import Runtime
+from core.storage import clear_generation
 
 log = get_logger(__name__)
 
@@ -106,6 +107,7 @@ class Reconciler:
                 error_message=f"no result after {attempt} attempts",
             )
             if failed is not None:
+                await clear_generation(rt.storage, failed["user_id"], gid)
                 await notify(rt.publisher, failed, "generation.failed")
             return "exhausted" if failed is not None else None
         # The new attempt waits out its backoff as a queued row; the requeue path
@@ -136,6 +138,7 @@ class Reconciler:
             )
             if failed is not None:
                 n += 1
+                await clear_generation(self.rt.storage, failed["user_id"], failed["id"])
                 await notify(self.rt.publisher, failed, "generation.failed")
         return n
 

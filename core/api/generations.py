@@ -17,7 +17,7 @@ from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
 from core.runtime import Runtime
-from core.storage import ObjectNotFound
+from core.storage import ObjectNotFound, clear_generation
 
 log = get_logger("gengui.api")
 routes = web.RouteTableDef()
@@ -177,6 +177,7 @@ async def cancel_generation(request: web.Request) -> web.Response:
             code="invalid_state",
             details={"status": current["status"]},
         )
+    await clear_generation(rt.storage, principal.user_id, cancelled["id"])
     await notify(rt.publisher, cancelled, "generation.cancelled")
     return json_response(gens.resource(cancelled))
 

@@ -122,3 +122,15 @@ async def test_cancel_racing_with_completion_is_consistent_and_leaves_no_stray_i
             assert cancel.status == 409
             assert row["status"] == "completed" and row["image_key"] == key
             assert await rt.storage.exists(key)
+
+
+async def test_cancel_clears_an_image_whose_report_was_lost(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
+    gid = uuid.UUID(await _create(client, alice))
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    # The worker stored its image, but its "completed" report never arrived.
+    await rt.storage.put(original_key(alice.user_id, gid, 1, "png"), b"img", "image/png")
+    resp = await client.post(f"/api/v1/generations/{gid}/cancel", headers=alice.headers)
+    assert resp.status == 200
+    assert await rt.storage.list_keys(f"users/{alice.user_id}/") == []

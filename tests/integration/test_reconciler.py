@@ -116,3 +116,18 @@ async def test_retry_after_a_result_arrived_changes_nothing(rt: Runtime, alice: 
     assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.COMPLETED, image_key="k")
     assert await lifecycle.retry(rt.pool, gid, attempt=1) is None
     assert (await _row(rt, gid))["status"] == "completed"
+
+
+async def test_failing_a_generation_clears_its_unreported_image(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    from core.storage import original_key
+
+    gid = await _generation(
+        rt, alice, status="processing", deadline_at="now() - interval '1 second'"
+    )
+    keep = original_key(alice.user_id, uuid.uuid4(), 1, "png")  # another generation's image
+    await rt.storage.put(original_key(alice.user_id, gid, 1, "png"), b"lost", "image/png")
+    await rt.storage.put(keep, b"other", "image/png")
+    assert (await Reconciler(rt).tick())["deadline"] == 1
+    assert await rt.storage.list_keys(f"users/{alice.user_id}/") == [keep]
