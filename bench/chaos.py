@@ -53,6 +53,7 @@ from e2e import (
     admin_sql,
     free_port,
     log,
+    process_env,
     wait_ready,
     with_database,
 )
@@ -327,16 +328,7 @@ async def run(args: argparse.Namespace) -> int:
 
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENGUI_")}
-        env.update(
-            GENGUI_DATABASE_URL=database_url,
-            GENGUI_REDIS_URL=valkey.url,
-            GENGUI_STREAM_PREFIX=prefix,
-            GENGUI_DATA_DIR=str(tmp / "data"),
-            GENGUI_API_PORT=str(port),
-            GENGUI_LOG_LEVEL="WARNING",
-            **RECOVERY_SETTINGS,
-        )
+        env = process_env(database_url, valkey.url, prefix, tmp / "data", port, **RECOVERY_SETTINGS)
         logs = tmp / "logs"
         logs.mkdir()
         procs = Procs(env, logs)

@@ -135,6 +135,24 @@ def gengui_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
 
 
+def process_env(
+    database_url: str, redis_url: str, prefix: str, data_dir: Path, port: int, **extra: str
+) -> dict[str, str]:
+    """The environment of every gengui process a benchmark starts: this machine's,
+    less any GENGUI_* of the caller's shell, plus the run's own servers and names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENGUI_")}
+    env.update(
+        GENGUI_DATABASE_URL=database_url,
+        GENGUI_REDIS_URL=redis_url,
+        GENGUI_STREAM_PREFIX=prefix,
+        GENGUI_DATA_DIR=str(data_dir),
+        GENGUI_API_PORT=str(port),
+        GENGUI_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1068,15 +1086,7 @@ async def run(args: argparse.Namespace) -> int:
 
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENGUI_")}
-        env.update(
-            GENGUI_DATABASE_URL=database_url,
-            GENGUI_REDIS_URL=servers.redis_url,
-            GENGUI_STREAM_PREFIX=prefix,
-            GENGUI_DATA_DIR=str(tmp / "data"),
-            GENGUI_API_PORT=str(port),
-            GENGUI_LOG_LEVEL="WARNING",
-        )
+        env = process_env(database_url, servers.redis_url, prefix, tmp / "data", port)
         env.update(item.split("=", 1) for item in args.set)
         logs = tmp / "logs"
         logs.mkdir()

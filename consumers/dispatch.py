@@ -46,7 +46,7 @@ class Dispatcher:
             return  # dispatched already, or a newer attempt exists, or cancelled
         provider = self.providers.get(row["provider"])
         if provider is None:
-            await lifecycle.transition(
+            failed = await lifecycle.transition(
                 pool,
                 msg.generation_id,
                 attempt=msg.attempt,
@@ -54,6 +54,8 @@ class Dispatcher:
                 error_code="provider_unknown",
                 error_message=f"provider {row['provider']!r} is not configured",
             )
+            if failed is not None:
+                await notify(self.rt.publisher, failed, "generation.failed")
             return
         claimed = await lifecycle.transition(
             pool,

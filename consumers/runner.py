@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -30,46 +29,35 @@ def consumer_loops(rt: Runtime, roles: Iterable[str] = ROLES) -> dict[str, Loop]
     keys = rt.settings.keys
     loops: dict[str, Loop] = {}
     for role in roles:
-        consumer: StreamConsumer[Any]
         if role == "dispatch":
-            dispatcher = Dispatcher(
-                rt, build_providers(rt), timedelta(seconds=rt.settings.local_check_s)
-            )
-            consumer = StreamConsumer(
-                dedicated_client(rt.redis_url),
-                rt.redis,
-                rt.consumer_config(keys.requested, GROUP_DISPATCHERS, role),
+            check_after = timedelta(seconds=rt.settings.local_check_s)
+            spec: tuple[str, str, type[Any], Any, dict[str, Any]] = (
+                keys.requested,
+                GROUP_DISPATCHERS,
                 GenerationRequested,
-                dispatcher.handle,
+                Dispatcher(rt, build_providers(rt), check_after).handle,
+                {},
             )
         elif role == "status":
-            consumer = StreamConsumer(
-                dedicated_client(rt.redis_url),
-                rt.redis,
-                rt.consumer_config(keys.job_status, GROUP_STATUS, role),
-                JobStatus,
-                StatusProcessor(rt).handle,
-            )
+            spec = (keys.job_status, GROUP_STATUS, JobStatus, StatusProcessor(rt).handle, {})
         elif role == "thumbnails":
             # CPU-bound: one thread per core is all concurrency buys here.
-            consumer = StreamConsumer(
-                dedicated_client(rt.redis_url),
-                rt.redis,
-                rt.consumer_config(keys.thumbnails, GROUP_THUMBNAILERS, role, concurrency=2),
+            spec = (
+                keys.thumbnails,
+                GROUP_THUMBNAILERS,
                 ThumbnailRequested,
                 Thumbnailer(rt).handle,
+                {"concurrency": 2},
             )
         else:
             raise ValueError(f"unknown consumer role {role!r}; choose from {ROLES}")
-        loops[f"consumer:{role}"] = _owning(consumer)
+        stream, group, schema, handler, overrides = spec
+        consumer = StreamConsumer(
+            dedicated_client(rt.redis_url),
+            rt.redis,
+            rt.consumer_config(stream, group, role, **overrides),
+            schema,
+            handler,
+        )
+        loops[f"consumer:{role}"] = consumer.run
     return loops
-
-
-def _owning(consumer: StreamConsumer[Any]) -> Loop:
-    async def run(stop: asyncio.Event) -> None:
-        try:
-            await consumer.run(stop)
-        finally:
-            await consumer.reader.aclose()
-
-    return run

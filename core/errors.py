@@ -5,7 +5,6 @@
      ├── Unauthorized            401  unauthorized
      ├── NotFound                404  not_found
      ├── Conflict                409  (idempotency_key_reused, invalid_state, ...)
-     ├── StaleTransition         409  stale_transition — a CAS update matched no row
      └── ProviderError                provider_error
           ├── ProviderRetryable       retried with backoff
           └── ProviderRejected        permanent: the generation fails
@@ -63,12 +62,6 @@ class Conflict(GenguiError):
 
     status = 409
     code = "conflict"
-
-
-class StaleTransition(Conflict):
-    """The generation is no longer in a state (or attempt) that allows this change."""
-
-    code = "stale_transition"
 
 
 class ProviderError(GenguiError):

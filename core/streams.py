@@ -174,6 +174,8 @@ class StreamConsumer(Generic[M]):
                     continue
         finally:
             stopping.cancel()
+            # The consumer owns its dedicated connection: nothing else may use it.
+            await self.reader.aclose()
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
 
     async def _read(self, stopping: asyncio.Future[Any]) -> Any:
@@ -213,6 +215,9 @@ class StreamConsumer(Generic[M]):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if len(self._last_error) > 10_000:
+                        # Entries reclaimed by another consumer never come back here.
+                        self._last_error.clear()
                     self._last_error[entry_id] = repr(exc)
                     log.exception(
                         "consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode()

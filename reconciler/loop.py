@@ -71,7 +71,6 @@ class Reconciler:
         self.rt = rt
         s = rt.settings
         self.grace = timedelta(seconds=s.dispatch_grace_s)
-        self.local_check = timedelta(seconds=s.local_check_s)
         self.thumbnail_grace = timedelta(seconds=s.thumbnail_grace_s)
 
     async def tick(self) -> dict[str, int]:

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from core.auth import Principal, authenticate
-from core.errors import GenguiError, InvalidInput, Unauthorized
+from core.errors import GenguiError, InvalidInput, NotFound, Unauthorized
 from core.logging import get_logger
 from core.runtime import Runtime
 
@@ -118,6 +118,4 @@ def parse_uuid(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         # Not a valid id is the same answer as "not yours": nothing to learn.
-        from core.errors import NotFound
-
         raise NotFound() from None

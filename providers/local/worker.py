@@ -122,10 +122,4 @@ def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
         worker.handle,
     )
 
-    async def consume(stop: asyncio.Event) -> None:
-        try:
-            await consumer.run(stop)
-        finally:
-            await consumer.reader.aclose()
-
-    return {"worker:consume": consume, "worker:heartbeat": worker.heartbeat}
+    return {"worker:consume": consumer.run, "worker:heartbeat": worker.heartbeat}

@@ -47,8 +47,7 @@ async def consuming(
         yield consumer
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
-        await reader.aclose()
+        await asyncio.wait_for(task, 5)  # the consumer closes its reader
 
 
 @pytest_asyncio.fixture
