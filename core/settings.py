@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.keys import Keys
 
 
+ProviderName = Literal["local", "runpod", "gemini", "openai", "replicate"]
+PROVIDERS: tuple[ProviderName, ...] = ("local", "runpod", "gemini", "openai", "replicate")
+
+
 class Settings(BaseSettings):
     """Every knob of gengui. Durations carry their unit in the name."""
 
@@ -53,7 +57,9 @@ class Settings(BaseSettings):
     )
 
     # Generations.
-    default_provider: Literal["local"] = "local"
+    default_provider: ProviderName = Field(
+        "local", description="Provider when no feature flag or flags file picks one."
+    )
     generation_deadline_s: int = Field(
         600, ge=1, description="A generation not done by then fails."
     )
@@ -67,6 +73,59 @@ class Settings(BaseSettings):
     thumbnail_grace_s: float = Field(
         60.0, gt=0, description="Completed without thumbnail: ask again."
     )
+
+    # Feature flags (GrowthBook): flag `image_provider` picks the provider per generation.
+    growthbook_api_host: str | None = Field(
+        None, description="GrowthBook API host, e.g. https://cdn.growthbook.io."
+    )
+    growthbook_client_key: str | None = Field(None, description="SDK client key (sdk-...).")
+    growthbook_refresh_s: float = Field(
+        30.0, gt=0, description="Feature refresh interval when streaming is unavailable."
+    )
+    growthbook_streaming: bool = Field(True, description="Follow GrowthBook's SSE stream.")
+    flags_file: Path | None = Field(
+        None, description="Local features JSON used when GrowthBook has never answered."
+    )
+
+    # Providers. Webhook URLs carry an HMAC of (generation id, attempt) under this key.
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signs our webhook URLs; default derived from data_dir (dev only)."
+    )
+    provider_timeout_s: float = Field(60.0, gt=0, description="One provider HTTP call, at most.")
+    provider_concurrency: int = Field(
+        8, ge=1, description="Calls in flight per hosted provider per process."
+    )
+    provider_rate_limits: dict[str, float] = Field(
+        default_factory=dict,
+        description='Requests per second per provider across replicas, e.g. {"openai": 5}.',
+    )
+    runpod_api_url: str = "https://api.runpod.ai/v2"
+    runpod_endpoint_id: str | None = None
+    runpod_api_key: SecretStr | None = None
+    runpod_check_s: float = Field(5.0, gt=0, description="RunPod jobs are polled this often.")
+    runpod_execution_timeout_s: int = Field(300, ge=5, description="RunPod policy.executionTimeout.")
+    runpod_ttl_s: int = Field(3600, ge=10, description="RunPod policy.ttl.")
+    gemini_api_url: str = "https://generativelanguage.googleapis.com"
+    gemini_api_key: SecretStr | None = None
+    gemini_model: str = "imagen-4.0-generate-001"
+    openai_api_url: str = "https://api.openai.com"
+    openai_api_key: SecretStr | None = None
+    openai_model: str = "gpt-image-1"
+    replicate_api_url: str = "https://api.replicate.com"
+    replicate_api_token: SecretStr | None = None
+    replicate_model: str = "black-forest-labs/flux-schnell"
+    replicate_webhook_secret: SecretStr | None = Field(
+        None, description="Replicate's signing secret (whsec_...)."
+    )
+    replicate_check_s: float = Field(10.0, gt=0, description="Replicate jobs are polled this often.")
+    download_hosts: tuple[str, ...] = Field(
+        ("replicate.delivery", "*.replicate.delivery"),
+        description="Hosts provider output URLs may be downloaded from (https only).",
+    )
+    download_allow_http: bool = Field(
+        False, description="Also allow http:// downloads (tests and mock providers only)."
+    )
+    download_max_bytes: int = Field(30 * 1024 * 1024, ge=1024)
 
     # Storage.
     storage_backend: Literal["local", "s3"] = "local"
@@ -101,6 +160,16 @@ class Settings(BaseSettings):
         "s3_public_endpoint_url",
         "s3_access_key_id",
         "s3_secret_access_key",
+        "growthbook_api_host",
+        "growthbook_client_key",
+        "flags_file",
+        "webhook_secret",
+        "runpod_endpoint_id",
+        "runpod_api_key",
+        "gemini_api_key",
+        "openai_api_key",
+        "replicate_api_token",
+        "replicate_webhook_secret",
         mode="before",
     )
     @classmethod

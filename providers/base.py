@@ -6,9 +6,10 @@ messages (local workers, webhooks) or through ``poll`` (the reconciler's backup 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 from uuid import UUID
 
 from core.errors import ProviderError, ProviderRejected, ProviderRetryable
@@ -73,13 +74,69 @@ def classify(exc: BaseException) -> Failure:
     return Failure(True, "provider_error", repr(exc))
 
 
+OutcomeState = Literal["queued", "processing", "completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a provider says of one job, from a webhook, a poll, or a synchronous call.
+
+    A completed outcome carries the image inline (``image``, already decoded) or as a
+    URL to download (``image_url``, fetched through ``providers.download``). A failed
+    one carries its classified ``failure``.
+    """
+
+    state: OutcomeState
+    image: bytes | None = None
+    image_url: str | None = None
+    content_type: str | None = None
+    progress: float | None = None
+    failure: Failure | None = None
+    provider_job_id: str | None = None
+
+
 class Provider(Protocol):
+    """Every provider: ``submit`` hands an attempt over; ``cancel`` is best effort."""
+
     name: str
 
-    async def submit(self, job: Job) -> Submission:
+    async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
         """Hand the attempt to the provider. Raises ProviderError subclasses."""
         ...
 
     async def cancel(self, job: Job) -> None:
-        """Best-effort cancel at the provider."""
+        """Best-effort cancel at the provider. Never raises for an unknown/finished job."""
+        ...
+
+
+@runtime_checkable
+class PollingProvider(Provider, Protocol):
+    """A provider whose jobs run remotely and can be asked about (RunPod, Replicate).
+
+    Results arrive by webhook (``parse_webhook``) or, as the backup path, by ``poll``.
+    """
+
+    async def poll(self, job: Job) -> Outcome:
+        """The job's current outcome at the provider (``job.provider_job_id`` is set)."""
+        ...
+
+    def verify_webhook(self, headers: Mapping[str, str], body: bytes) -> bool:
+        """The provider's own signature check (Replicate); True where it has none."""
+        ...
+
+    def parse_webhook(self, body: bytes) -> Outcome:
+        """A webhook body -> an Outcome. Raises ProviderRejected for a malformed body."""
+        ...
+
+
+@runtime_checkable
+class SyncProvider(Provider, Protocol):
+    """A hosted API that answers the request with the image (Gemini, OpenAI).
+
+    ``submit`` only queues the job for the hosted runner; ``generate`` makes the call,
+    off the dispatch loop and under the provider's concurrency and rate limits.
+    """
+
+    async def generate(self, job: Job) -> Outcome:
+        """Call the API; returns a completed Outcome with bytes, or raises ProviderError."""
         ...

@@ -104,9 +104,19 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
     )
 
 
+async def truncate_all(pool: asyncpg.Pool) -> None:
+    """Empty every table the migrations made, so new tables need no test changes."""
+    tables = await pool.fetch(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+    )
+    if tables:
+        names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+        await pool.execute(f"TRUNCATE {names} CASCADE")
+
+
 @pytest_asyncio.fixture
 async def rt(settings: Settings, pool: asyncpg.Pool, redis: SharedRedis) -> AsyncIterator[Runtime]:
-    await pool.execute("TRUNCATE users, api_tokens, generations, generation_events CASCADE")
+    await truncate_all(pool)
     storage = LocalStorage(settings.images_dir)
     yield Runtime(settings, pool, redis, Publisher(redis, settings.keys), storage)
     keys = [k async for k in redis.scan_iter(match=f"{settings.stream_prefix}:*")]
