@@ -11,7 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.keys import Keys
 
-
 ProviderName = Literal["local", "runpod", "gemini", "openai", "replicate"]
 PROVIDERS: tuple[ProviderName, ...] = ("local", "runpod", "gemini", "openai", "replicate")
 
@@ -103,7 +102,9 @@ class Settings(BaseSettings):
     runpod_endpoint_id: str | None = None
     runpod_api_key: SecretStr | None = None
     runpod_check_s: float = Field(5.0, gt=0, description="RunPod jobs are polled this often.")
-    runpod_execution_timeout_s: int = Field(300, ge=5, description="RunPod policy.executionTimeout.")
+    runpod_execution_timeout_s: int = Field(
+        300, ge=5, description="RunPod policy.executionTimeout."
+    )
     runpod_ttl_s: int = Field(3600, ge=10, description="RunPod policy.ttl.")
     gemini_api_url: str = "https://generativelanguage.googleapis.com"
     gemini_api_key: SecretStr | None = None
@@ -117,7 +118,9 @@ class Settings(BaseSettings):
     replicate_webhook_secret: SecretStr | None = Field(
         None, description="Replicate's signing secret (whsec_...)."
     )
-    replicate_check_s: float = Field(10.0, gt=0, description="Replicate jobs are polled this often.")
+    replicate_check_s: float = Field(
+        10.0, gt=0, description="Replicate jobs are polled this often."
+    )
     download_hosts: tuple[str, ...] = Field(
         ("replicate.delivery", "*.replicate.delivery"),
         description="Hosts provider output URLs may be downloaded from (https only).",

@@ -107,7 +107,8 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
 async def truncate_all(pool: asyncpg.Pool) -> None:
     """Empty every table the migrations made, so new tables need no test changes."""
     tables = await pool.fetch(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        "SELECT tablename FROM pg_tables"
+        " WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
     )
     if tables:
         names = ", ".join(f'"{t["tablename"]}"' for t in tables)
