@@ -13,7 +13,7 @@ class LocalProvider:
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
 
-    async def submit(self, job: Job) -> Submission:
+    async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
         message = LocalJob(
             generation_id=job.generation_id,
             attempt=job.attempt,
