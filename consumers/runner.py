@@ -3,52 +3,68 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
+from consumers.cancels import Canceller
 from consumers.dispatch import Dispatcher
+from consumers.hosted import hosted_loops
+from consumers.results import ResultFetcher
 from consumers.status import StatusProcessor
 from consumers.thumbnails import Thumbnailer
-from core.events import GenerationRequested, JobStatus, ThumbnailRequested
-from core.keys import GROUP_DISPATCHERS, GROUP_STATUS, GROUP_THUMBNAILERS
+from core.events import (
+    GenerationRequested,
+    JobStatus,
+    ProviderCancel,
+    ProviderResult,
+    ThumbnailRequested,
+)
+from core.keys import (
+    GROUP_CANCELS,
+    GROUP_DISPATCHERS,
+    GROUP_RESULTS,
+    GROUP_STATUS,
+    GROUP_THUMBNAILERS,
+)
+from core.ratelimit import RateLimiter
 from core.runtime import Runtime
 from core.service import Loop
 from core.streams import StreamConsumer, dedicated_client
-from providers.base import Provider
-from providers.local.provider import LocalProvider
+from providers.registry import ProviderSet
 
-ROLES = ("dispatch", "status", "thumbnails")
-
-
-def build_providers(rt: Runtime) -> dict[str, Provider]:
-    return {"local": LocalProvider(rt.publisher)}
+ROLES = ("dispatch", "status", "thumbnails", "results", "cancels", "hosted")
 
 
-def consumer_loops(rt: Runtime, roles: Iterable[str] = ROLES) -> dict[str, Loop]:
+def consumer_loops(
+    rt: Runtime, providers: ProviderSet | None = None, roles: Iterable[str] = ROLES
+) -> dict[str, Loop]:
     """One loop per role, each reading on its own dedicated connection."""
     keys = rt.settings.keys
+    providers = providers or ProviderSet.local_only(rt.publisher)
+    limiter = RateLimiter(rt.redis, keys, rt.settings.provider_rate_limits)
     loops: dict[str, Loop] = {}
     for role in roles:
+        spec: tuple[str, str, type[Any], Any, dict[str, Any]]
         if role == "dispatch":
-            check_after = timedelta(seconds=rt.settings.local_check_s)
-            spec: tuple[str, str, type[Any], Any, dict[str, Any]] = (
-                keys.requested,
-                GROUP_DISPATCHERS,
-                GenerationRequested,
-                Dispatcher(rt, build_providers(rt), check_after).handle,
-                {},
-            )
+            handler: Any = Dispatcher(rt, providers, limiter).handle
+            spec = (keys.requested, GROUP_DISPATCHERS, GenerationRequested, handler, {})
         elif role == "status":
             spec = (keys.job_status, GROUP_STATUS, JobStatus, StatusProcessor(rt).handle, {})
         elif role == "thumbnails":
             # CPU-bound: one thread per core is all concurrency buys here.
-            spec = (
-                keys.thumbnails,
-                GROUP_THUMBNAILERS,
-                ThumbnailRequested,
-                Thumbnailer(rt).handle,
-                {"concurrency": 2},
-            )
+            handler = Thumbnailer(rt).handle
+            spec = (keys.thumbnails, GROUP_THUMBNAILERS, ThumbnailRequested, handler, {})
+            spec[4]["concurrency"] = 2
+        elif role == "results":
+            if providers.session is None:
+                continue  # no remote providers in this process: nothing to fetch
+            handler = ResultFetcher(rt, providers.session).handle
+            spec = (keys.results, GROUP_RESULTS, ProviderResult, handler, {})
+        elif role == "cancels":
+            handler = Canceller(rt, providers.polling).handle
+            spec = (keys.cancels, GROUP_CANCELS, ProviderCancel, handler, {})
+        elif role == "hosted":
+            loops.update(hosted_loops(rt, providers.sync, limiter))
+            continue
         else:
             raise ValueError(f"unknown consumer role {role!r}; choose from {ROLES}")
         stream, group, schema, handler, overrides = spec

@@ -61,12 +61,15 @@ async def _run(loops_for: str, settings: Settings, args: argparse.Namespace) -> 
     if loops_for == "api":
         await _serve_api(settings, stop)
         return
-    async with open_runtime(settings) as rt:
+    from providers.registry import open_providers
+
+    async with open_runtime(settings) as rt, open_providers(rt.settings, rt.publisher) as providers:
         loops: dict[str, Loop] = {}
         if loops_for == "consumers":
             from consumers.runner import ROLES, consumer_loops
 
-            loops = consumer_loops(rt, args.only.split(",") if args.only else ROLES)
+            roles = args.only.split(",") if args.only else ROLES
+            loops = consumer_loops(rt, providers, roles)
         elif loops_for == "worker":
             from providers.local.engines import load_engine
             from providers.local.worker import worker_loops
@@ -75,7 +78,7 @@ async def _run(loops_for: str, settings: Settings, args: argparse.Namespace) -> 
         elif loops_for == "reconciler":
             from reconciler.loop import Reconciler
 
-            loops = {"reconciler": Reconciler(rt).run}
+            loops = {"reconciler": Reconciler(rt, providers).run}
         await run_loops(loops, stop)
 
 
@@ -87,6 +90,7 @@ async def _dev(settings: Settings) -> None:
     from core.service import install_signal_handlers, run_loops
     from providers.local.engines import load_engine
     from providers.local.worker import worker_loops
+    from providers.registry import open_providers
     from reconciler.loop import Reconciler
 
     with contextlib.ExitStack() as stack:
@@ -102,11 +106,14 @@ async def _dev(settings: Settings) -> None:
         await asyncio.to_thread(migrate, settings.database_url)
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        async with open_runtime(settings) as rt:
+        async with (
+            open_runtime(settings) as rt,
+            open_providers(rt.settings, rt.publisher) as providers,
+        ):
             loops = {
-                **consumer_loops(rt),
+                **consumer_loops(rt, providers),
                 **worker_loops(rt, load_engine(settings.worker_engine)),
-                "reconciler": Reconciler(rt).run,
+                "reconciler": Reconciler(rt, providers).run,
                 "api": lambda stop: _serve_api(settings, stop, rt),
             }
             print(

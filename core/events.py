@@ -31,7 +31,8 @@ class GenerationRequested(Message):
 
 
 class LocalJob(Message):
-    """Local provider -> GPU workers: everything a worker needs, no database access."""
+    """A queue provider's job: dispatch -> GPU workers (``local``) or hosted runners
+    (``gemini``, ``openai``). Everything a runner needs, so it needs no database."""
 
     generation_id: UUID
     attempt: int = Field(ge=1)
@@ -60,6 +61,27 @@ class JobStatus(Message):
     error_message: str | None = None
     retryable: bool = False
     source: str | None = Field(default=None, description="worker id or provider name")
+
+
+class ProviderResult(Message):
+    """Webhook or reconciler -> result fetchers: a finished job whose image is at a URL
+    (Replicate). Fetching is slow and bounded, so it never runs in a webhook handler."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+    user_id: UUID
+    provider: str
+    image_url: str
+    content_type: str | None = None
+
+
+class ProviderCancel(Message):
+    """API (cancel) or reconciler (deadline) -> cancellers: stop the job at the provider."""
+
+    generation_id: UUID
+    attempt: int = Field(ge=1)
+    provider: str
+    provider_job_id: str
 
 
 class ThumbnailRequested(Message):

@@ -18,7 +18,24 @@ class Keys:
 
     @property
     def jobs_local(self) -> str:
-        return f"{self.prefix}:jobs:local"
+        return self.jobs("local")
+
+    def jobs(self, provider: str) -> str:
+        """Jobs waiting for a queue provider's runners: GPU workers, hosted API callers."""
+        return f"{self.prefix}:jobs:{provider}"
+
+    @property
+    def results(self) -> str:
+        """Provider results that still need fetching (an output URL to download)."""
+        return f"{self.prefix}:provider:results"
+
+    @property
+    def cancels(self) -> str:
+        """Cancels to carry out at a provider (user cancel, deadline)."""
+        return f"{self.prefix}:provider:cancels"
+
+    def rate(self, provider: str) -> str:
+        return f"{self.prefix}:rate:{provider}"
 
     @property
     def job_status(self) -> str:
@@ -44,3 +61,6 @@ GROUP_DISPATCHERS = "dispatchers"
 GROUP_GPU_WORKERS = "gpu-workers"
 GROUP_STATUS = "status-processors"
 GROUP_THUMBNAILERS = "thumbnailers"
+GROUP_HOSTED = "hosted-runners"
+GROUP_RESULTS = "result-fetchers"
+GROUP_CANCELS = "cancellers"

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from core.api.generations import routes as generation_routes
 from core.api.http import json_response, request_middleware, runtime_key
+from core.api.webhooks import providers_key, webhook_secret_key
+from core.api.webhooks import routes as webhook_routes
 from core.runtime import Runtime, open_runtime
 from core.settings import Settings
 
@@ -47,6 +49,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app = web.Application(middlewares=[request_middleware], client_max_size=64 * 1024)
     app.add_routes(health_routes)
     app.add_routes(generation_routes)
+    app.add_routes(webhook_routes)
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if runtime is not None:
@@ -58,4 +61,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
             yield
 
     app.cleanup_ctx.append(runtime_ctx)
+
+    async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Webhooks parse and verify with the providers' own code; cancels are queued.
+        from core.webhooks import webhook_secret
+        from providers.registry import open_providers
+
+        rt = app[runtime_key]
+        app[webhook_secret_key] = webhook_secret(rt.settings)
+        async with open_providers(rt.settings, rt.publisher) as providers:
+            app[providers_key] = providers
+            yield
+
+    app.cleanup_ctx.append(providers_ctx)
     return app

@@ -12,7 +12,7 @@ from core import lifecycle
 from core.api.http import json_response, parse_body, parse_uuid, require_user, runtime_key
 from core.auth import Principal
 from core.errors import Conflict, InvalidInput, NotFound
-from core.events import GenerationRequested
+from core.events import GenerationRequested, ProviderCancel
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify
@@ -178,6 +178,17 @@ async def cancel_generation(request: web.Request) -> web.Response:
             details={"status": current["status"]},
         )
     await clear_generation(rt.storage, principal.user_id, cancelled["id"])
+    if cancelled["provider_job_id"]:
+        # Stop the remote job too; the row is authoritative whatever the provider says.
+        await rt.publisher.send(
+            rt.settings.keys.cancels,
+            ProviderCancel(
+                generation_id=cancelled["id"],
+                attempt=cancelled["attempt"],
+                provider=cancelled["provider"],
+                provider_job_id=cancelled["provider_job_id"],
+            ),
+        )
     await notify(rt.publisher, cancelled, "generation.cancelled")
     return json_response(gens.resource(cancelled))
 

@@ -86,17 +86,21 @@ class Worker:
         log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
-        key = self.rt.settings.keys.worker_heartbeat(self.worker_id)
-        interval = self.rt.settings.worker_heartbeat_s
-        while not stop.is_set():
-            with contextlib.suppress(Exception):
-                await self.rt.redis.set(
-                    key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3))
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        await heartbeat(self.rt, self.worker_id, stop)
+
+
+async def heartbeat(rt: Runtime, worker_id: str, stop: asyncio.Event) -> None:
+    """Keep ``worker:{id}`` alive while this runner lives; the reconciler reads it to
+    tell a long job from a dead runner. Removed on a clean stop."""
+    key = rt.settings.keys.worker_heartbeat(worker_id)
+    interval = rt.settings.worker_heartbeat_s
+    while not stop.is_set():
         with contextlib.suppress(Exception):
-            await self.rt.redis.delete(key)
+            await rt.redis.set(key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+    with contextlib.suppress(Exception):
+        await rt.redis.delete(key)
 
 
 def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:

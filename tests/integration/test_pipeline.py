@@ -184,14 +184,15 @@ async def test_completion_of_a_later_attempt_sweeps_an_earlier_attempts_unreport
 async def test_dispatch_fails_a_generation_whose_provider_is_not_configured(
     rt: Runtime, alice: UserAuth
 ) -> None:
-    from datetime import timedelta
-
     from consumers.dispatch import Dispatcher
     from core.events import GenerationRequested
+    from core.ratelimit import RateLimiter
+    from providers.registry import ProviderSet
 
     gid = await _queued_generation(rt, alice)
     await rt.pool.execute("UPDATE generations SET provider = 'nope' WHERE id = $1", gid)
-    await Dispatcher(rt, {}, timedelta(seconds=60)).handle(
+    limiter = RateLimiter(rt.redis, rt.settings.keys, {})
+    await Dispatcher(rt, ProviderSet(), limiter).handle(
         GenerationRequested(generation_id=gid, attempt=1)
     )
     row = await rt.pool.fetchrow("SELECT status, error_code FROM generations WHERE id = $1", gid)
