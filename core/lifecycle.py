@@ -17,7 +17,6 @@ transition and its history row are written by one statement.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -160,7 +159,7 @@ async def _run(
         attempt,
         to.value,
         _sorted_statuses(allowed_from),
-        json.dumps(detail) if detail else None,
+        dict(detail) if detail else None,  # the pool's jsonb codec encodes it
         *(fields[c] for c in columns),
     )
 

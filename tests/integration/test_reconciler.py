@@ -131,3 +131,82 @@ async def test_failing_a_generation_clears_its_unreported_image(
     await rt.storage.put(keep, b"other", "image/png")
     assert (await Reconciler(rt).tick())["deadline"] == 1
     assert await rt.storage.list_keys(f"users/{alice.user_id}/") == [keep]
+
+
+async def test_submitted_job_behind_a_backlog_is_left_to_wait(rt: Runtime, alice: UserAuth) -> None:
+    """A long queue is not a lost job: with entries not yet taken, nothing is retried."""
+    from core.events import LocalJob
+    from core.keys import GROUP_GPU_WORKERS
+
+    gid = await _generation(rt, alice, status="submitted")
+    stream = rt.settings.keys.jobs_local
+    await rt.redis.xgroup_create(stream, GROUP_GPU_WORKERS, id="0", mkstream=True)
+    job = LocalJob(
+        generation_id=gid, attempt=1, user_id=alice.user_id, prompt="p", width=64, height=64, seed=1
+    )
+    await rt.publisher.send(stream, job)
+    counts = await Reconciler(rt).tick()
+    assert counts["retry"] == 0
+    row = await _row(rt, gid)
+    assert (row["status"], row["attempt"]) == ("submitted", 1)
+    assert row["next_check_at"] > row["updated_at"]  # looked at again later
+    # Once the backlog is drained and the row is still silent, the job was lost.
+    await rt.redis.xreadgroup(GROUP_GPU_WORKERS, "w", {stream: ">"})
+    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    assert (await Reconciler(rt).tick())["retry"] == 1
+    assert (await _row(rt, gid))["attempt"] == 2
+
+
+async def test_processing_job_on_a_live_worker_is_not_retried(rt: Runtime, alice: UserAuth) -> None:
+    gid = await _generation(rt, alice, status="submitted")
+    assert await lifecycle.transition(
+        rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "worker-a"}
+    )
+    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    await rt.redis.set(rt.settings.keys.worker_heartbeat("worker-a"), "alive", ex=60)
+    assert (await Reconciler(rt).tick())["retry"] == 0
+    assert (await _row(rt, gid))["status"] == "processing"
+    # The worker's heartbeat stops: its job goes to another worker as attempt 2.
+    await rt.redis.delete(rt.settings.keys.worker_heartbeat("worker-a"))
+    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    assert (await Reconciler(rt).tick())["retry"] == 1
+    row = await _row(rt, gid)
+    assert (row["status"], row["attempt"]) == ("queued", 2)
+    reason = await rt.pool.fetchval(
+        "SELECT detail->>'reason' FROM generation_events WHERE generation_id = $1"
+        " AND status = 'queued' AND attempt = 2",
+        gid,
+    )
+    assert reason == "runner_gone"
+
+
+async def test_deadline_queues_a_cancel_for_a_remote_job(rt: Runtime, alice: UserAuth) -> None:
+    from core.events import ProviderCancel
+
+    gid = await _generation(
+        rt,
+        alice,
+        status="processing",
+        provider="'runpod'",
+        provider_job_id="'rp-1'",
+        deadline_at="now() - interval '1 second'",
+    )
+    assert (await Reconciler(rt).tick())["deadline"] == 1
+    entries = await rt.redis.xrange(rt.settings.keys.cancels)
+    cancels = [ProviderCancel.model_validate_json(f[b"__data__"]) for _, f in entries]
+    assert cancels == [
+        ProviderCancel(generation_id=gid, attempt=1, provider="runpod", provider_job_id="rp-1")
+    ]
+
+
+async def test_history_detail_is_stored_as_a_json_object(rt: Runtime, alice: UserAuth) -> None:
+    gid = await _generation(rt, alice, status="submitted")
+    await lifecycle.transition(
+        rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w"}
+    )
+    kind, source = await rt.pool.fetchrow(
+        "SELECT jsonb_typeof(detail), detail->>'source' FROM generation_events"
+        " WHERE generation_id = $1 AND status = 'processing'",
+        gid,
+    )
+    assert (kind, source) == ("object", "w")
