@@ -16,14 +16,15 @@ from uuid import UUID
 
 import aiohttp
 import structlog
-# TEMP: lazy until providers.download lands
 
+# TEMP: lazy until providers.download lands
 from core.events import JobStatus, ProviderResult
 from core.imaging import ImageRejected, sniff_image
 from core.logging import get_logger
 from core.runtime import Runtime
 from core.storage import original_key
 from providers.base import Failure, Outcome, classify
+from providers.download import download
 
 log = get_logger(__name__)
 
@@ -98,6 +99,11 @@ async def apply_outcome(
             failure = Failure(True, "provider_bad_output", f"{exc.code}: {exc}")
             await report_failure(rt, generation_id, attempt, provider, failure)
             return "failed"
+        except FileNotFoundError:
+            # A concurrent duplicate already completed the generation, and its
+            # completion cleared this write's partial file: nothing left to do.
+            log.info("results.duplicate_write_discarded")
+            return "ignored"
         await report(
             rt,
             generation_id,
@@ -147,8 +153,6 @@ class ResultFetcher:
         )
         if not await self._still_wanted(msg):
             return  # a duplicate webhook, an old attempt, or cancelled: fetch nothing
-        from providers.download import download
-
         s = self.rt.settings
         try:
             data, _ = await download(
