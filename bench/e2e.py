@@ -153,6 +153,28 @@ def process_env(
     return env
 
 
+def mock_provider_env(mock_url: str, provider: str, public_url: str) -> dict[str, str]:
+    """Settings that send every generation to ``provider``, served by `gengui mock-providers`."""
+    from providers.mock import DEFAULT_REPLICATE_SECRET
+
+    return {
+        "GENGUI_DEFAULT_PROVIDER": provider,
+        "GENGUI_PUBLIC_URL": public_url,
+        "GENGUI_RUNPOD_API_URL": f"{mock_url}/v2",
+        "GENGUI_RUNPOD_ENDPOINT_ID": "bench",
+        "GENGUI_RUNPOD_API_KEY": "bench",
+        "GENGUI_REPLICATE_API_URL": mock_url,
+        "GENGUI_REPLICATE_API_TOKEN": "bench",
+        "GENGUI_REPLICATE_WEBHOOK_SECRET": DEFAULT_REPLICATE_SECRET,
+        "GENGUI_GEMINI_API_URL": mock_url,
+        "GENGUI_GEMINI_API_KEY": "bench",
+        "GENGUI_OPENAI_API_URL": mock_url,
+        "GENGUI_OPENAI_API_KEY": "bench",
+        "GENGUI_DOWNLOAD_ALLOW_HTTP": "true",
+        "GENGUI_DOWNLOAD_HOSTS": '["127.0.0.1"]',
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -977,6 +999,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-thumbnails", action="store_true", help="run consumers with --only dispatch,status"
     )
     p.add_argument("--workers", type=int, default=1, help="gengui worker processes")
+    p.add_argument(
+        "--provider",
+        default="local",
+        choices=["local", "runpod", "replicate", "gemini", "openai"],
+        help="send every generation to this provider; all but local are served by "
+        "`gengui mock-providers` (started by the bench)",
+    )
+    p.add_argument(
+        "--mock-latency", type=float, default=0.0, help="seconds each mock provider job takes"
+    )
     p.add_argument("--reconciler", action="store_true", help="also run gengui reconciler")
     p.add_argument("--size", type=int, default=256, help="width = height of each image")
     p.add_argument("--warmup", type=int, default=20, help="generations before measuring")
@@ -1087,6 +1119,9 @@ async def run(args: argparse.Namespace) -> int:
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         env = process_env(database_url, servers.redis_url, prefix, tmp / "data", port)
+        mock_port = free_port()
+        if args.provider != "local":
+            env.update(mock_provider_env(f"http://127.0.0.1:{mock_port}", args.provider, base_url))
         env.update(item.split("=", 1) for item in args.set)
         logs = tmp / "logs"
         logs.mkdir()
@@ -1114,11 +1149,22 @@ async def run(args: argparse.Namespace) -> int:
         # Subscribe before anything can publish a notice.
         await listener.start()
 
+        if args.provider != "local":
+            procs.start(
+                "mock",
+                "mock-providers",
+                "--port",
+                str(mock_port),
+                "--latency",
+                str(args.mock_latency),
+            )
         procs.start("api", "api")
         procs.start(
-            "consumers", "consumers", *(["--only", "dispatch,status"] if args.no_thumbnails else [])
+            "consumers",
+            "consumers",
+            *(["--only", "dispatch,status,results,cancels,hosted"] if args.no_thumbnails else []),
         )
-        for i in range(args.workers):
+        for i in range(args.workers if args.provider == "local" else 0):
             procs.start(
                 "worker" if args.workers == 1 else f"worker{i + 1}",
                 "worker",
