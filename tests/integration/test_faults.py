@@ -99,6 +99,8 @@ async def test_job_of_a_dead_worker_is_finished_by_another_under_a_new_attempt(
     worker finishes it. The dead worker's attempt-1 job is never run again."""
     hung = asyncio.Event()
     reporter = Worker(fast_rt, load_engine("placeholder"))
+    # In its own process it would have its own id (and heartbeat key), not the live one's.
+    reporter.worker_id = "doomed-worker"
 
     async def dies_mid_job(job: LocalJob) -> None:
         await reporter._report(job, state="processing")

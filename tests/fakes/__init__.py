@@ -1,0 +1,1 @@
+"""Third-party services as real local servers speaking their wire formats."""
