@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import structlog
 
-from core import lifecycle
+from core import lifecycle, metrics
 from core.events import GenerationRequested
 from core.lifecycle import Status
 from core.logging import get_logger
@@ -109,6 +109,7 @@ class Dispatcher:
         except Exception as exc:
             failure = classify(exc)
             log.warning("dispatch.submit_failed", code=failure.code, retryable=failure.retryable)
+            metrics.PROVIDER_ERRORS.labels(provider.name, failure.code).inc()
             if failure.retryable:
                 # Leave it submitted: the reconciler retries it with backoff.
                 return

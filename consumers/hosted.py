@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import structlog
 
 from consumers.results import apply_outcome, report, report_failure
+from core import metrics
 from core.events import LocalJob
 from core.keys import GROUP_HOSTED
 from core.logging import get_logger
@@ -79,6 +80,7 @@ class HostedRunner:
         except Exception as exc:
             failure = classify(exc)
             log.warning("hosted.call_failed", provider=name, code=failure.code)
+            metrics.PROVIDER_ERRORS.labels(name, failure.code).inc()
             await report_failure(self.rt, gid, attempt, name, failure)
             return
         await apply_outcome(

@@ -18,6 +18,7 @@ import aiohttp
 import structlog
 
 # TEMP: lazy until providers.download lands
+from core import metrics
 from core.events import JobStatus, ProviderResult
 from core.imaging import ImageRejected, sniff_image
 from core.logging import get_logger
@@ -166,6 +167,7 @@ class ResultFetcher:
         except Exception as exc:
             failure = classify(exc)
             log.warning("results.download_failed", code=failure.code, retryable=failure.retryable)
+            metrics.PROVIDER_ERRORS.labels(msg.provider, failure.code).inc()
             await report_failure(self.rt, msg.generation_id, msg.attempt, msg.provider, failure)
             return
         await apply_outcome(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import asyncpg
 import structlog
 
-from core import lifecycle
+from core import lifecycle, metrics
 from core.events import JobStatus, ThumbnailRequested
 from core.lifecycle import Status
 from core.logging import get_logger
@@ -86,6 +87,7 @@ class StatusProcessor:
             await self._discard_unused_image(msg)
             return
         log.info("generation.completed")
+        await self._observe_duration(row)
         prefix = generation_prefix(row["user_id"], row["id"])
         # A worker killed mid-write leaves a partial file; the winning report clears it.
         # Any other writer of this generation is stale: its rename simply fails.
@@ -106,6 +108,19 @@ class StatusProcessor:
             ),
         )
         await notify(self.rt.publisher, row, "generation.completed")
+
+    async def _observe_duration(self, row: asyncpg.Record) -> None:
+        """Submit -> completed of the winning attempt, per provider."""
+        submitted_at = await self.rt.pool.fetchval(
+            """SELECT created_at FROM generation_events
+                WHERE generation_id = $1 AND attempt = $2 AND status = 'submitted'
+                ORDER BY id DESC LIMIT 1""",
+            row["id"],
+            row["attempt"],
+        )
+        if submitted_at is not None and row["completed_at"] is not None:
+            seconds = (row["completed_at"] - submitted_at).total_seconds()
+            metrics.GENERATION_DURATION.labels(row["provider"]).observe(max(seconds, 0.0))
 
     async def _discard_unused_image(self, msg: JobStatus) -> None:
         current = await self.rt.pool.fetchval(

@@ -153,7 +153,7 @@ async def _run(
         raise ValueError(f"not settable by a transition: {sorted(unknown)}")
     columns = tuple(sorted(fields))
     sql = _transition_sql(to, columns, bump_attempt)
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         sql,
         generation_id,
         attempt,
@@ -162,6 +162,11 @@ async def _run(
         dict(detail) if detail else None,  # the pool's jsonb codec encodes it
         *(fields[c] for c in columns),
     )
+    if row is not None and to in TERMINAL:
+        from core import metrics  # metrics reads this module's statuses: import late
+
+        metrics.GENERATIONS_FINISHED.labels(to.value, row["provider"]).inc()
+    return row
 
 
 async def record_progress(

@@ -39,7 +39,7 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from consumers.results import apply_outcome
-from core import lifecycle
+from core import lifecycle, metrics
 from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested
 from core.keys import GROUP_GPU_WORKERS, GROUP_HOSTED
 from core.lifecycle import Status
@@ -112,6 +112,7 @@ class Reconciler:
         for reason, n in counts.items():
             if n:
                 log.info("reconciler.recovered", reason=reason, count=n)
+                metrics.RECONCILER_RECOVERIES.labels(reason).inc(n)
         return dict(counts)
 
     async def _recover(self, row: asyncpg.Record, backlog: dict[str, bool]) -> str | None:
@@ -188,6 +189,7 @@ class Reconciler:
         except Exception as exc:
             failure = classify(exc)
             log.warning("reconciler.poll_failed", provider=name, code=failure.code)
+            metrics.PROVIDER_ERRORS.labels(name, failure.code).inc()
             return None  # asked again after the lease (the grace period)
         done = await apply_outcome(
             rt,

@@ -18,9 +18,11 @@ from uuid import UUID
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel
 
 from consumers.results import apply_outcome
 from core.api.http import json_response, parse_uuid, runtime_key
+from core.api.openapi import Body, Param, doc
 from core.errors import InvalidInput, NotFound, ProviderError, Unauthorized
 from core.logging import get_logger
 from core.webhooks import verify
@@ -59,7 +61,33 @@ def _attempt(request: web.Request) -> int:
     return attempt
 
 
+class WebhookAck(BaseModel):
+    """``ignored`` for a duplicate, an old attempt or an ended generation; else what was
+    done with the report (``completed``, ``failed``, ``processing``, ``fetching``...)."""
+
+    status: str
+
+
 @routes.post("/api/v1/webhooks/{provider}/{generation_id}")
+@doc(
+    "Provider webhook (signed URL)",
+    request=Body("application/json", {"type": "object"}, "The provider's own payload."),
+    params=[
+        Param("provider", "path", {"type": "string"}, "The provider we gave this URL to."),
+        Param("generation_id", "path", {"type": "string", "format": "uuid"}),
+        Param("attempt", "query", {"type": "integer", "minimum": 1}, required=True),
+        Param(
+            "sig",
+            "query",
+            {"type": "string"},
+            "HMAC-SHA256 of (provider, generation, attempt) under the webhook secret.",
+            required=True,
+        ),
+    ],
+    responses={200: WebhookAck, 401: None, 404: None},
+    tags=["webhooks"],
+    auth=False,
+)
 async def provider_webhook(request: web.Request) -> web.Response:
     rt = request.app[runtime_key]
     name = request.match_info["provider"]

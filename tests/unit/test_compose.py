@@ -7,9 +7,12 @@ Docker is not needed: the files are parsed and checked against ``core.cli`` and
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
@@ -29,8 +32,13 @@ GENGUI_COMMANDS = {
     "consumers": "consumers",
     "reconciler": "reconciler",
     "worker": "worker",
+    "mock-providers": "mock-providers",
 }
 LONG_RUNNING_GENGUI = ("api", "consumers", "reconciler", "worker")
+# The gengui processes that share x-gengui-env (the mock providers need none of it).
+GENGUI_WITH_ENV = ("migrate", *LONG_RUNNING_GENGUI)
+# Without a port of their own, these serve /healthz on --metrics-port.
+METRICS_PORT_SERVICES = ("consumers", "reconciler", "worker")
 SERVERS = ("postgres", "redis", "minio")
 
 
@@ -49,8 +57,6 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings also reads GENGUI_* from the process; only the compose values must count."""
-    import os
-
     for name in list(os.environ):
         if name.upper().startswith("GENGUI_"):
             monkeypatch.delenv(name)
@@ -68,11 +74,22 @@ def _command(service: dict[str, Any]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value: Any) -> Any:
+    """Compose's ``${NAME:-default}`` with nothing exported: the default (or blank)."""
+    if not isinstance(value, str):
+        return value
+    return _VARIABLE.sub(lambda m: m.group(2) or "", value)
+
+
 def _settings_from(env: dict[str, Any]) -> Settings:
-    fields = {
-        k.removeprefix("GENGUI_").lower(): v for k, v in env.items() if k.startswith("GENGUI_")
-    }
-    return Settings(**fields)
+    """Settings read the way a container reads them: from its environment (lists and maps
+    as JSON, blank as unset)."""
+    values = {k: str(_interpolate(v)) for k, v in env.items() if k.startswith("GENGUI_")}
+    with mock.patch.dict(os.environ, values):
+        return Settings()
 
 
 def _depends_on(service: dict[str, Any]) -> dict[str, str]:
@@ -166,7 +183,7 @@ def test_shared_environment_builds_valid_settings(compose: dict[str, Any]) -> No
 
 
 @pytest.mark.usefixtures("clean_env")
-@pytest.mark.parametrize("service", GENGUI_COMMANDS)
+@pytest.mark.parametrize("service", GENGUI_WITH_ENV)
 def test_each_gengui_service_gets_the_shared_environment(
     compose: dict[str, Any], services: dict[str, dict[str, Any]], service: str
 ) -> None:
@@ -289,3 +306,131 @@ def test_image_can_find_the_migrations() -> None:
     }
     assert not ignored & {"migrations", "core", "pyproject.toml", "alembic.ini"}
     assert {".venv", ".git", ".gengui", "bench/results"} <= ignored
+
+
+# ---- the full stack ----------------------------------------------------------------------
+
+
+def _one_shot(name: str, services: dict[str, dict[str, Any]]) -> bool:
+    """Run once and exit (migrate): others wait for it to complete, nothing restarts it."""
+    waited_on = any(
+        _depends_on(svc).get(name) == "service_completed_successfully" for svc in services.values()
+    )
+    return waited_on and services[name].get("restart", "no") == "no"
+
+
+def test_the_stack_has_every_part_the_issue_names(services: dict[str, dict[str, Any]]) -> None:
+    wanted = {
+        "postgres", "redis", "minio", "growthbook", "mongo", "mailpit", "mock-providers",
+        "api", "consumers", "reconciler", "worker",
+    }  # fmt: skip
+    assert wanted <= set(services)
+
+
+def test_every_long_running_service_has_a_healthcheck_and_restarts(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, svc in services.items():
+        if _one_shot(name, services):
+            continue
+        check = svc.get("healthcheck") or {}
+        assert check.get("test"), f"{name} has no healthcheck"
+        assert not check.get("disable"), name
+        test = check["test"]
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL"), name
+        if test[1:3] == ["python", "-c"]:
+            compile(test[3], f"{name}-healthcheck", "exec")
+        assert svc.get("restart") == "unless-stopped", name
+
+
+@pytest.mark.parametrize("service", METRICS_PORT_SERVICES)
+def test_processes_without_a_port_serve_health_on_their_metrics_port(
+    services: dict[str, dict[str, Any]], service: str
+) -> None:
+    svc = services[service]
+    args = build_parser().parse_args(_command(svc))
+    assert args.metrics_port, f"{service}: no --metrics-port, so nothing answers the healthcheck"
+    assert args.metrics_host == "0.0.0.0"  # reachable by a Prometheus in another container
+    target = urlsplit(svc["healthcheck"]["test"][3].split("'")[1])
+    assert (target.port, target.path) == (args.metrics_port, "/healthz")
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_providers_point_at_the_mock_on_the_port_it_listens_on(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    mock = services["mock-providers"]
+    args = build_parser().parse_args(_command(mock))
+    assert args.host == "0.0.0.0"
+    settings = _settings_from(compose["x-gengui-env"])
+    for url in (
+        settings.runpod_api_url,
+        settings.gemini_api_url,
+        settings.openai_api_url,
+        settings.replicate_api_url,
+    ):
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.port) == ("mock-providers", args.port), url
+    key = args.api_key
+    for secret in (
+        settings.runpod_api_key,
+        settings.gemini_api_key,
+        settings.openai_api_key,
+        settings.replicate_api_token,
+    ):
+        assert secret is not None and secret.get_secret_value() == key
+    assert settings.runpod_endpoint_id
+    assert settings.replicate_webhook_secret is not None
+    assert settings.replicate_webhook_secret.get_secret_value() == args.replicate_webhook_secret
+    # Replicate outputs are fetched from the mock's own URLs.
+    assert urlsplit(args.public_url).hostname in settings.download_hosts
+    assert settings.download_allow_http is True
+    health = urlsplit(mock["healthcheck"]["test"][3].split("'")[1])
+    assert health.port == args.port
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_webhooks_reach_the_api_and_every_process_signs_alike(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    settings = _settings_from(compose["x-gengui-env"])
+    # Without a shared secret each container derives its own under /data: every
+    # webhook would fail its signature check.
+    assert settings.webhook_secret is not None
+    public = urlsplit(settings.base_url)
+    assert public.hostname == "api"
+    assert public.port == _settings_from(_env(services["api"])).api_port
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_flags_are_off_until_both_growthbook_values_are_given(compose: dict[str, Any]) -> None:
+    settings = _settings_from(compose["x-gengui-env"])
+    assert settings.growthbook_api_host is None and settings.growthbook_client_key is None
+
+
+def test_growthbook_uses_its_mongo(services: dict[str, dict[str, Any]]) -> None:
+    growthbook, mongo = services["growthbook"], services["mongo"]
+    assert _depends_on(growthbook).get("mongo") == "service_healthy"
+    uri = urlsplit(_env(growthbook)["MONGODB_URI"])
+    mongo_env = _env(mongo)
+    assert uri.hostname == "mongo"
+    assert (uri.username, uri.password) == (
+        mongo_env["MONGO_INITDB_ROOT_USERNAME"],
+        mongo_env["MONGO_INITDB_ROOT_PASSWORD"],
+    )
+    declared = {str(v).split(":")[0] for v in mongo.get("volumes", [])}
+    assert "mongo-data" in declared
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_mail_goes_to_mailpit_and_links_point_at_the_host(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    settings = _settings_from(compose["x-gengui-env"])
+    assert settings.smtp_host == "mailpit" and "mailpit" in services
+    assert settings.smtp_port == 1025  # Mailpit's SMTP port inside the network
+    assert settings.smtp_security == "none"
+    # Mail links are opened by a browser on the host: the published API port.
+    link = urlsplit(settings.app_url or "")
+    assert link.hostname == "localhost"
+    assert any(str(p).split(":")[0] == str(link.port) for p in services["api"].get("ports", []))
