@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -22,6 +23,8 @@ class Principal:
     user_id: UUID
     email: str
     plan: str
+    # Creating generations needs a verified address (core.accounts mails the link).
+    email_verified: bool = False
 
 
 def new_token() -> str:
@@ -32,24 +35,40 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create_user(pool: asyncpg.Pool, email: str, plan: str = "free") -> UUID:
+async def create_user(
+    pool: asyncpg.Pool,
+    email: str,
+    plan: str = "free",
+    *,
+    verified: bool = True,
+    password_hash: str | None = None,
+) -> UUID:
+    """An account made by an operator (``gengui users create``, tests): trusted, so
+    verified unless asked otherwise; without a password hash it signs in with API
+    tokens only. Self-service sign-up goes through ``core.accounts`` instead."""
     user_id: UUID = await pool.fetchval(
-        """INSERT INTO users (id, email, plan) VALUES (gen_random_uuid(), lower($1), $2)
+        """INSERT INTO users (id, email, plan, email_verified_at, password_hash)
+           VALUES (gen_random_uuid(), lower($1), $2, CASE WHEN $3 THEN now() END, $4)
            RETURNING id""",
         email.strip(),
         plan,
+        verified,
+        password_hash,
     )
     return user_id
 
 
-async def issue_token(pool: asyncpg.Pool, user_id: UUID, name: str = "default") -> str:
+async def issue_token(
+    pool: asyncpg.Pool, user_id: UUID, name: str = "default", *, expires_at: datetime | None = None
+) -> str:
     token = new_token()
     await pool.execute(
-        """INSERT INTO api_tokens (id, user_id, token_hash, name)
-           VALUES (gen_random_uuid(), $1, $2, $3)""",
+        """INSERT INTO api_tokens (id, user_id, token_hash, name, expires_at)
+           VALUES (gen_random_uuid(), $1, $2, $3, $4)""",
         user_id,
         hash_token(token),
         name,
+        expires_at,
     )
     return token
 
@@ -58,9 +77,15 @@ async def authenticate(pool: asyncpg.Pool, token: str) -> Principal | None:
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     row = await pool.fetchrow(
-        """SELECT u.id, u.email, u.plan FROM api_tokens t JOIN users u ON u.id = t.user_id
+        """SELECT u.id, u.email, u.plan, u.email_verified_at IS NOT NULL AS email_verified
+             FROM api_tokens t JOIN users u ON u.id = t.user_id
             WHERE t.token_hash = $1 AND t.revoked_at IS NULL
               AND (t.expires_at IS NULL OR t.expires_at > now())""",
         hash_token(token),
     )
-    return Principal(row["id"], row["email"], row["plan"]) if row else None
+    return principal(row) if row else None
+
+
+def principal(row: asyncpg.Record) -> Principal:
+    """From a row with ``id, email, plan, email_verified``."""
+    return Principal(row["id"], row["email"], row["plan"], row["email_verified"])

@@ -74,11 +74,21 @@ async def _run(loops_for: str, settings: Settings, args: argparse.Namespace) -> 
             from providers.local.engines import load_engine
             from providers.local.worker import worker_loops
 
-            loops = worker_loops(rt, load_engine(args.engine or settings.worker_engine))
+            # A diffusers model takes seconds to load: off the loop.
+            engine = await asyncio.to_thread(
+                load_engine, args.engine or settings.worker_engine, settings
+            )
+            loops = worker_loops(rt, engine)
         elif loops_for == "reconciler":
             from reconciler.loop import Reconciler
 
             loops = {"reconciler": Reconciler(rt, providers).run}
+        if getattr(args, "metrics_port", None):
+            from functools import partial
+
+            from core.metrics import serve_metrics
+
+            loops["metrics"] = partial(serve_metrics, args.metrics_host, args.metrics_port)
         await run_loops(loops, stop)
 
 
@@ -112,7 +122,7 @@ async def _dev(settings: Settings) -> None:
         ):
             loops = {
                 **consumer_loops(rt, providers),
-                **worker_loops(rt, load_engine(settings.worker_engine)),
+                **worker_loops(rt, load_engine(settings.worker_engine, settings)),
                 "reconciler": Reconciler(rt, providers).run,
                 "api": lambda stop: _serve_api(settings, stop, rt),
             }
@@ -125,16 +135,42 @@ async def _dev(settings: Settings) -> None:
             await run_loops(loops, stop)
 
 
-async def _create_user(settings: Settings, email: str, plan: str) -> str:
+def _read_password() -> str:
+    """From the terminal (not echoed), or the first line of stdin when piped; never
+    from argv, where other users of the machine and shell history would see it."""
+    import getpass
+
+    from core.errors import InvalidInput
+    from core.passwords import check_policy
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise SystemExit("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        check_policy(password)
+    except InvalidInput as exc:
+        raise SystemExit(exc.message) from None
+    return password
+
+
+async def _create_user(
+    settings: Settings, email: str, plan: str, password: str | None = None
+) -> str:
     from core.auth import create_user, issue_token
     from core.db import create_pool
+    from core.passwords import hash_password
     from core.runtime import resolve_settings
 
     settings = resolve_settings(settings, need_redis=False)
     assert settings.database_url
+    password_hash = await hash_password(password) if password is not None else None
     pool = await create_pool(settings.database_url, max_size=1)
     try:
-        user_id = await create_user(pool, email, plan)
+        # Made by an operator: verified, so it can create images at once.
+        user_id = await create_user(pool, email, plan, password_hash=password_hash)
         token = await issue_token(pool, user_id, "cli")
     finally:
         await pool.close()
@@ -166,6 +202,47 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
+def _add_mock_parser(sub: argparse._SubParsersAction) -> None:
+    mock = sub.add_parser(
+        "mock-providers",
+        help="a local fake of the RunPod, Replicate, Gemini and OpenAI APIs (dev, tests, bench)",
+        description="Prompt directives such as [mock:fail], [mock:timeout], [mock:stuck], "
+        "[mock:nowebhook], [mock:dupwebhook], [mock:latewebhook=S] set one job's fate; "
+        "GET /_mock/jobs and /_mock/requests show what was received.",
+    )
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8500)
+    mock.add_argument("--latency", type=float, default=0.5, help="seconds each job takes")
+    mock.add_argument(
+        "--failure-rate", type=float, default=0.0, help="share of jobs that fail retryably (0-1)"
+    )
+    mock.add_argument("--seed", type=int, default=0, help="seed of the random failures")
+    mock.add_argument("--api-key", help="require this key for every provider (default: any)")
+    mock.add_argument("--replicate-webhook-secret", help="whsec_... that signs Replicate webhooks")
+    mock.add_argument(
+        "--webhook-retry-delay", type=float, default=1.0, help="seconds between webhook retries"
+    )
+    mock.add_argument("--public-url", help="base URL of Replicate output files")
+
+
+async def _mock_providers(args: argparse.Namespace) -> None:
+    from core.service import install_signal_handlers
+    from providers.mock import DEFAULT_REPLICATE_SECRET, MockConfig, serve
+
+    config = MockConfig(
+        latency_s=args.latency,
+        failure_rate=args.failure_rate,
+        seed=args.seed,
+        api_key=args.api_key,
+        replicate_webhook_secret=args.replicate_webhook_secret or DEFAULT_REPLICATE_SECRET,
+        webhook_retry_delay_s=args.webhook_retry_delay,
+        public_url=args.public_url,
+    )
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await serve(config, args.host, args.port, stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gengui", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,8 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     consumers = sub.add_parser("consumers", help="stream consumers")
     consumers.add_argument("--only", help="comma-separated roles: dispatch,status,thumbnails")
     worker = sub.add_parser("worker", help="a local GPU worker")
-    worker.add_argument("--engine", help="engine name (default GENGUI_WORKER_ENGINE)")
-    sub.add_parser("reconciler", help="the recovery loops")
+    worker.add_argument(
+        "--engine",
+        choices=("placeholder", "diffusers"),
+        help="engine name (default GENGUI_WORKER_ENGINE)",
+    )
+    reconciler = sub.add_parser("reconciler", help="the recovery loops")
+    for process in (consumers, worker, reconciler):
+        process.add_argument(
+            "--metrics-port",
+            type=int,
+            help="serve /metrics and /healthz for this process on this port (default: off)",
+        )
+        process.add_argument(
+            "--metrics-host", default="127.0.0.1", help="interface for --metrics-port"
+        )
     sub.add_parser("migrate", help="alembic upgrade head")
     dlq = sub.add_parser("dlq", help="dead-lettered messages").add_subparsers(
         dest="dlq_command", required=True
@@ -191,11 +281,47 @@ def build_parser() -> argparse.ArgumentParser:
     create = users.add_parser("create", help="create a user and print an API token (last line)")
     create.add_argument("email")
     create.add_argument("--plan", default="free")
+    create.add_argument(
+        "--password",
+        action="store_true",
+        help="also set a password to sign in with (asked on the terminal, or the first "
+        "line of stdin)",
+    )
+    _add_mock_parser(sub)
+    config = sub.add_parser("config", help="the configuration").add_subparsers(
+        dest="config_command", required=True
+    )
+    config.add_parser(
+        "check",
+        help="validate GENGUI_* settings, check Postgres and Redis answer, print the "
+        "effective configuration (secrets hidden); exit 1 on a problem",
+    )
+    config_docs = config.add_parser("docs", help="print the configuration reference (Markdown)")
+    config_docs.add_argument("--output", help="write it to this file instead")
     return parser
+
+
+def _config(args: argparse.Namespace) -> int:
+    """Before settings load: ``config check`` is what reports settings that do not."""
+    if args.config_command == "check":
+        from core import config_check
+
+        return config_check.main(sys.stdout)
+    from core.config_ref import render
+
+    text = render()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        return _config(args)
     settings = _settings()
     if args.command == "dev" and "log_format" not in settings.model_fields_set:
         # A person reads dev logs in a terminal; production keeps JSON.
@@ -216,8 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "dlq":
         return asyncio.run(_dlq(settings, args))
     elif args.command == "users":
-        token = asyncio.run(_create_user(settings, args.email, args.plan))
+        password = _read_password() if args.password else None
+        token = asyncio.run(_create_user(settings, args.email, args.plan, password))
         print(token)
+    elif args.command == "mock-providers":
+        asyncio.run(_mock_providers(args))
     return 0
 
 

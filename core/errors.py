@@ -3,8 +3,11 @@
     GenguiError
      ├── InvalidInput            400  (validation_error, invalid_json, ...)
      ├── Unauthorized            401  unauthorized
+     ├── Forbidden               403  (email_unverified, csrf_failed, ...)
      ├── NotFound                404  not_found
      ├── Conflict                409  (idempotency_key_reused, invalid_state, ...)
+     ├── TooManyRequests         429  (rate_limited, too_many_active, daily_quota, ...)
+                                      with a Retry-After header
      └── ProviderError                provider_error
           ├── ProviderRetryable       retried with backoff
           └── ProviderRejected        permanent: the generation fails
@@ -14,6 +17,7 @@ A class docstring is its default message.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -50,6 +54,13 @@ class Unauthorized(GenguiError):
     code = "unauthorized"
 
 
+class Forbidden(GenguiError):
+    """You may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(GenguiError):
     """No such resource."""
 
@@ -62,6 +73,29 @@ class Conflict(GenguiError):
 
     status = 409
     code = "conflict"
+
+
+class TooManyRequests(GenguiError):
+    """Too many requests: try again later."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after_s: float,
+        code: str | None = None,
+        details: Any = None,
+    ) -> None:
+        # Whole seconds, at least one: the Retry-After header takes no fractions.
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            message,
+            code=code,
+            details={"retry_after_s": self.retry_after_s, **(details or {})},
+        )
 
 
 class ProviderError(GenguiError):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import Conflict, InvalidInput
 from core.lifecycle import Status
+from core.limits import GenerationLimits, check_generation_limits, lock_user
 
 MAX_SEED = 2**32 - 1
 
@@ -82,9 +83,9 @@ _INSERT = """
     WITH ins AS (
         INSERT INTO generations (id, user_id, status, attempt, provider, prompt, negative_prompt,
                                  width, height, seed, idempotency_key, request_hash,
-                                 next_check_at, deadline_at)
+                                 next_check_at, deadline_at, flag_rule)
         VALUES (gen_random_uuid(), $1, 'queued', 1, $2, $3, $4, $5, $6, $7, $8, $9,
-                now() + $10::interval, now() + $11::interval)
+                now() + $10::interval, now() + $11::interval, $12)
         ON CONFLICT (user_id, idempotency_key) DO NOTHING
         RETURNING *
     ), hist AS (
@@ -104,11 +105,89 @@ async def create(
     idempotency_key: str | None,
     dispatch_grace: timedelta,
     deadline: timedelta,
+    flag_rule: str | None = None,
+    limits: GenerationLimits | None = None,
 ) -> tuple[asyncpg.Record, bool]:
-    """Insert a queued generation; returns (row, created). A replayed key returns the original."""
+    """Insert a queued generation; returns (row, created). A replayed key returns the original.
+
+    ``flag_rule`` says why ``provider`` was chosen (see ``core.flags.Choice``). With
+    ``limits``, the user's active count and daily quota are checked in the inserting
+    transaction, under a per-user lock (``core.limits``); a replay is answered before
+    the check, so it is never refused and never counted twice.
+    """
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     request_hash = body.request_hash()
-    row = await pool.fetchrow(
+    if limits is not None and limits.enforced:
+        async with pool.acquire() as conn, conn.transaction():
+            await lock_user(conn, user_id)
+            if idempotency_key is not None:
+                existing = await conn.fetchrow(
+                    "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2",
+                    user_id,
+                    idempotency_key,
+                )
+                if existing is not None:
+                    return _replayed(existing, request_hash), False
+            await check_generation_limits(conn, user_id, limits)
+            row = await _insert(
+                conn,
+                user_id,
+                body,
+                provider,
+                seed,
+                idempotency_key,
+                request_hash,
+                dispatch_grace,
+                deadline,
+                flag_rule,
+            )
+    else:
+        row = await _insert(
+            pool,
+            user_id,
+            body,
+            provider,
+            seed,
+            idempotency_key,
+            request_hash,
+            dispatch_grace,
+            deadline,
+            flag_rule,
+        )
+    if row is not None:
+        return row, True
+    existing = await pool.fetchrow(
+        "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2",
+        user_id,
+        idempotency_key,
+    )
+    if existing is None:  # deleted between the two statements; vanishingly rare
+        raise Conflict("retry the request", code="idempotency_conflict")
+    return _replayed(existing, request_hash), False
+
+
+def _replayed(existing: asyncpg.Record, request_hash: str) -> asyncpg.Record:
+    if existing["request_hash"] != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request body",
+            code="idempotency_key_reused",
+        )
+    return existing
+
+
+async def _insert(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    user_id: UUID,
+    body: CreateGeneration,
+    provider: str,
+    seed: int,
+    idempotency_key: str | None,
+    request_hash: str,
+    dispatch_grace: timedelta,
+    deadline: timedelta,
+    flag_rule: str | None,
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
         _INSERT,
         user_id,
         provider,
@@ -121,22 +200,8 @@ async def create(
         request_hash,
         dispatch_grace,
         deadline,
+        flag_rule,
     )
-    if row is not None:
-        return row, True
-    existing = await pool.fetchrow(
-        "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2",
-        user_id,
-        idempotency_key,
-    )
-    if existing is None:  # deleted between the two statements; vanishingly rare
-        raise Conflict("retry the request", code="idempotency_conflict")
-    if existing["request_hash"] != request_hash:
-        raise Conflict(
-            "this Idempotency-Key was used with a different request body",
-            code="idempotency_key_reused",
-        )
-    return existing, False
 
 
 async def get(pool: asyncpg.Pool, user_id: UUID, generation_id: UUID) -> asyncpg.Record | None:

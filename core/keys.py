@@ -52,6 +52,11 @@ class Keys:
     def user_channel(self, user_id: UUID | str) -> str:
         return f"{self.prefix}:user:{user_id}"
 
+    def user_events(self, user_id: UUID | str) -> str:
+        """The user's replay log: a capped stream of the events sent on ``user_channel``,
+        read by reconnecting clients (``Last-Event-ID``)."""
+        return f"{self.prefix}:user:{user_id}:events"
+
     def worker_heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
 

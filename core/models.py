@@ -32,6 +32,47 @@ class User(SQLModel, table=True):
     email: str = Field(max_length=320, unique=True)
     plan: str = Field(default="free", max_length=32, sa_column_kwargs={"server_default": "free"})
     created_at: datetime | None = _now_column()
+    # argon2id (core.passwords); NULL for accounts made by an operator (``gengui users
+    # create``), which sign in with API tokens only.
+    password_hash: str | None = Field(default=None, max_length=255)
+    # Set once the owner proved they read mail at ``email``; creating generations needs it.
+    email_verified_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+
+class Session(SQLModel, table=True):
+    """A browser session (an HttpOnly cookie); only the token's SHA-256 is stored."""
+
+    __tablename__ = "sessions"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    token_hash: bytes = Field(sa_type=sa.LargeBinary, unique=True)
+    created_at: datetime | None = _now_column()
+    expires_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+
+class AccountToken(SQLModel, table=True):
+    """A single-use token mailed to a user: e-mail verification or password reset.
+
+    Bound to the address it was sent to, so it proves control of that address only.
+    """
+
+    __tablename__ = "account_tokens"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "purpose IN ('verify_email', 'reset_password')", name="account_tokens_purpose_check"
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    purpose: str = Field(max_length=16)
+    token_hash: bytes = Field(sa_type=sa.LargeBinary, unique=True)
+    email: str = Field(max_length=320)
+    created_at: datetime | None = _now_column()
+    expires_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    used_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class ApiToken(SQLModel, table=True):
@@ -67,6 +108,12 @@ class Generation(SQLModel, table=True):
         sa.Index(
             "ix_generations_deadline",
             "deadline_at",
+            postgresql_where=sa.text(f"status IN ({_NON_TERMINAL_VALUES})"),
+        ),
+        # The active-generations limit counts a user's live rows (core.limits).
+        sa.Index(
+            "ix_generations_user_active",
+            "user_id",
             postgresql_where=sa.text(f"status IN ({_NON_TERMINAL_VALUES})"),
         ),
         sa.Index(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.keys import Keys
 
@@ -143,9 +145,47 @@ class Settings(BaseSettings):
     image_url_ttl_s: int = Field(300, ge=1, description="Lifetime of presigned image URLs.")
 
     # Local GPU workers.
-    worker_engine: Literal["placeholder"] = "placeholder"
+    worker_engine: Literal["placeholder", "diffusers"] = "placeholder"
+    worker_model_dir: Path | None = Field(
+        None,
+        description="Local diffusers pipeline directory (with model_index.json) the "
+        "`diffusers` engine loads; nothing is downloaded.",
+    )
+    worker_device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="Torch device of the `diffusers` engine; `auto` is cuda when available, "
+        "else cpu. fp16 on cuda, fp32 elsewhere.",
+    )
+    worker_steps: int = Field(30, ge=1, le=150, description="Denoising steps per image.")
+    worker_guidance_scale: float | None = Field(
+        None, ge=0, description="Classifier-free guidance; unset keeps the model's default."
+    )
     worker_heartbeat_s: float = Field(5.0, gt=0)
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+
+    # Real-time events (core.realtime): SSE and WebSocket clients of the API.
+    events_keepalive_s: float = Field(
+        15.0,
+        gt=0,
+        description="An idle event stream gets a keepalive this often; also the Redis "
+        "pub/sub health check interval.",
+    )
+    events_client_buffer: int = Field(
+        1000,
+        ge=10,
+        description="Events queued for one client at most; a client that falls further "
+        "behind is disconnected and catches up from the replay log when it reconnects.",
+    )
+    events_max_streams_per_user: int = Field(
+        16,
+        ge=1,
+        description="Open event streams per user per API process; a new one "
+        "beyond this closes that user's oldest.",
+    )
+    events_retry_ms: int = Field(
+        3000, ge=100, description="SSE `retry:` hint: how long a browser waits to reconnect."
+    )
 
     # Thumbnails.
     thumbnail_px: int = Field(128, ge=16, le=1024)
@@ -153,11 +193,112 @@ class Settings(BaseSettings):
     # Reconciler.
     reconcile_interval_s: float = Field(5.0, gt=0)
 
+    # Accounts (core.accounts): sign-up, sessions, mailed tokens, login throttling.
+    app_url: str | None = Field(
+        None,
+        description="Base URL of the web client, for links in e-mails "
+        "({app_url}/verify-email#token=..., /reset-password#token=...); default public URL.",
+    )
+    signup_allowed_domains: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Only addresses at these domains may sign up (comma-separated, exact "
+        "domain match); empty: any domain.",
+    )
+    session_lifetime_s: int = Field(
+        14 * 86400, ge=60, description="A browser session ends this long after sign-in."
+    )
+    session_cookie: str = Field(
+        "gengui_session",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Name of the HttpOnly session cookie.",
+    )
+    csrf_cookie: str = Field(
+        "gengui_csrf",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Readable by the web client, which echoes it in X-CSRF-Token.",
+    )
+    cookie_secure: bool | None = Field(
+        None,
+        description="Secure flag on cookies; unset: on unless the public URL is "
+        "http://localhost or a loopback address (development).",
+    )
+    email_verification_ttl_s: int = Field(
+        48 * 3600, ge=60, description="A verification link works this long, once."
+    )
+    password_reset_ttl_s: int = Field(
+        3600, ge=60, description="A password reset link works this long, once."
+    )
+    mail_cooldown_s: int = Field(
+        60, ge=0, description="At most one verification or reset mail per address this often."
+    )
+    login_max_failures: int = Field(
+        5, ge=1, description="Failed sign-ins per account in login_window_s before a lockout."
+    )
+    login_ip_max_failures: int = Field(
+        50, ge=1, description="Failed sign-ins per client IP in login_window_s before a lockout."
+    )
+    login_window_s: int = Field(900, ge=1, description="Failed sign-ins are counted this long.")
+    login_lockout_s: int = Field(900, ge=1, description="How long a lockout lasts.")
+    auth_requests_per_minute_per_ip: int = Field(
+        20,
+        ge=0,
+        description="Sign-ups, verification and reset requests per client IP (0: no limit).",
+    )
+    proxy_hops: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Reverse proxies in front of the API that append to X-Forwarded-For: "
+        "the client IP (login throttling, per-IP limits) is that many entries from the "
+        "right; 0: the peer address. Too high lets clients choose their own IP.",
+    )
+
+    # E-mail. No smtp_host: mails are not sent and their link is logged (development).
+    smtp_host: str | None = Field(None, description="SMTP server; unset: log links instead.")
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP port.")
+    smtp_username: str | None = Field(None, description="SMTP login, when the server wants one.")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_security: Literal["starttls", "tls", "none"] = Field(
+        "starttls", description="starttls (port 587), tls (implicit, port 465) or none."
+    )
+    smtp_from: str = Field("gengui <no-reply@localhost>", description="From: of every mail.")
+    smtp_timeout_s: float = Field(10.0, gt=0, description="One SMTP delivery, at most.")
+
+    # Limits (core.limits), each a 429 with Retry-After; 0 turns one off.
+    requests_per_minute: int = Field(
+        120, ge=0, description="Authenticated API requests per user per minute."
+    )
+    max_active_generations: int = Field(
+        5, ge=0, description="Generations a user may have queued or running at once."
+    )
+    plan_quotas: dict[str, int] = Field(
+        default_factory=lambda: {"free": 50, "pro": 1000},
+        description='Generations per user per UTC day by plan, e.g. {"free": 50, "pro": 1000};'
+        " a plan not listed gets the free quota; 0: unlimited.",
+    )
+
+    @field_validator("app_url", "smtp_host", "smtp_username", "smtp_password", mode="before")
+    @classmethod
+    def _empty_account_setting_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("signup_allowed_domains", mode="before")
+    @classmethod
+    def _domains(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(str(d).strip().lower().lstrip("@") for d in value if str(d).strip())
+        return value
+
     @field_validator(
         "database_url",
         "redis_url",
         "public_url",
         "storage_dir",
+        "worker_model_dir",
+        "worker_guidance_scale",
         "s3_bucket",
         "s3_endpoint_url",
         "s3_public_endpoint_url",
@@ -195,3 +336,18 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def web_url(self) -> str:
+        """Where the web client lives: links in e-mails point there."""
+        return (self.app_url or self.base_url).rstrip("/")
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Secure cookies except on a plain-http loopback URL (a developer's machine)."""
+        if self.cookie_secure is not None:
+            return self.cookie_secure
+        url = urlsplit(self.base_url)
+        host = url.hostname or ""
+        local = host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
+        return not (url.scheme == "http" and local)

@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from core.events import DATA_FIELD, DeadLetter, Message, UserEvent
 from core.keys import Keys
 from core.logging import get_logger
+from core.metrics import StreamSeries
 
 log = get_logger(__name__)
 
@@ -87,8 +88,12 @@ class Publisher:
                 pipe.xadd(stream, encode(message), maxlen=self.maxlen, approximate=True)
             await pipe.execute()
 
-    async def notify(self, user_id: Any, event: UserEvent) -> None:
-        await self.redis.publish(self.keys.user_channel(user_id), event.model_dump_json())
+    async def notify(self, user_id: Any, event: UserEvent) -> str:
+        """Log the notice in the user's replay log and publish it; returns its id."""
+        # Imported here: core.notify imports this module.
+        from core.notify import publish_user_event
+
+        return await publish_user_event(self.redis, self.keys, user_id, event)
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,10 @@ class StreamConsumer(Generic[M]):
     schema: type[M]
     handler: Handler[M]
     _last_error: dict[bytes, str] = field(default_factory=dict)
+    _series: StreamSeries = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._series = StreamSeries.of(self.config.stream, self.config.group)
 
     async def ensure_group(self) -> None:
         # From "0", not "$": entries added while the group was missing (after a
@@ -210,11 +219,14 @@ class StreamConsumer(Generic[M]):
                 await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
                 return
             async with sem:
+                self._series.consumed.inc()
+                started = time.perf_counter()
                 try:
                     await self.handler(message)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    self._series.failures.inc()
                     if len(self._last_error) > 10_000:
                         # Entries reclaimed by another consumer never come back here.
                         self._last_error.clear()
@@ -223,12 +235,15 @@ class StreamConsumer(Generic[M]):
                         "consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode()
                     )
                     return
+                finally:
+                    self._series.handler_duration.observe(time.perf_counter() - started)
             self._last_error.pop(entry_id, None)
             done.append(entry_id)
 
         await asyncio.gather(*(one(entry_id, fields) for entry_id, fields in entries))
         if done:
             await self.ops.xack(cfg.stream, cfg.group, *done)
+            self._series.acked.inc(len(done))
 
     async def reclaim(self) -> None:
         """Claim entries whose consumer died or failed; dead-letter the hopeless ones."""
@@ -281,6 +296,7 @@ class StreamConsumer(Generic[M]):
             pipe.xadd(cfg.dead_stream, encode(letter))
             pipe.xack(cfg.stream, cfg.group, entry_id)
             await pipe.execute()
+        self._series.dead_lettered.inc()
         log.error(
             "consumer.dead_lettered",
             stream=cfg.stream,

@@ -101,6 +101,12 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
         reconcile_interval_s=0.2,
         worker_heartbeat_s=0.5,
         log_format="console",
+        # Per-user limits are off unless a test turns them on (test_limits.py): tests
+        # create dozens of generations and poll quickly as one user.
+        requests_per_minute=0,
+        max_active_generations=0,
+        plan_quotas={},
+        auth_requests_per_minute_per_ip=0,
     )
 
 

@@ -6,23 +6,46 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from pydantic import BaseModel
 
+from core.api.auth import setup_accounts
+from core.api.docs import setup_docs
+from core.api.events import setup_events
 from core.api.generations import routes as generation_routes
-from core.api.http import json_response, request_middleware, runtime_key
+from core.api.http import add_request_id_header, json_response, request_middleware, runtime_key
+from core.api.metrics import setup_metrics
+from core.api.openapi import Returns, doc
 from core.api.webhooks import providers_key, webhook_secret_key
 from core.api.webhooks import routes as webhook_routes
+from core.flags import ProviderSelector, selector_key
 from core.runtime import Runtime, open_runtime
 from core.settings import Settings
 
 health_routes = web.RouteTableDef()
 
 
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
 @health_routes.get("/healthz")
+@doc("Liveness: the process answers", responses={200: Health}, tags=["operations"], auth=False)
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
 @health_routes.get("/readyz")
+@doc(
+    "Readiness: Postgres and Redis answer",
+    responses={200: Readiness, 503: Returns(Readiness, "A dependency does not answer.")},
+    tags=["operations"],
+    auth=False,
+)
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[runtime_key]
     checks: dict[str, str] = {}
@@ -50,6 +73,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app.add_routes(health_routes)
     app.add_routes(generation_routes)
     app.add_routes(webhook_routes)
+    setup_docs(app)
+    setup_metrics(app)
+    # Also on responses a handler prepares itself (files, streams), after the middleware.
+    app.on_response_prepare.append(add_request_id_header)
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if runtime is not None:
@@ -61,6 +88,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
             yield
 
     app.cleanup_ctx.append(runtime_ctx)
+    setup_accounts(app, settings)  # needs the runtime: after runtime_ctx
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         # Webhooks parse and verify with the providers' own code; cancels are queued.
@@ -74,4 +102,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
             yield
 
     app.cleanup_ctx.append(providers_ctx)
+
+    async def flags_ctx(app: web.Application) -> AsyncIterator[None]:
+        # One selector per process: features refresh in the background, requests
+        # only evaluate the cached ones.
+        async with ProviderSelector(app[runtime_key].settings) as selector:
+            app[selector_key] = selector
+            yield
+
+    app.cleanup_ctx.append(flags_ctx)
+    # Real-time streams: the hub needs the runtime, so it is registered after it.
+    setup_events(app)
     return app

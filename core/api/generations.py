@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from uuid import UUID
 
 import asyncpg
 from aiohttp import web
+from pydantic import BaseModel, Field
 
 from core import generations as gens
 from core import lifecycle
 from core.api.http import json_response, parse_body, parse_uuid, require_user, runtime_key
+from core.api.openapi import Body, Error, Param, Returns, doc
 from core.auth import Principal
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, Forbidden, InvalidInput, NotFound
 from core.events import GenerationRequested, ProviderCancel
+from core.flags import selector_key
 from core.lifecycle import Status
+from core.limits import GenerationLimits
 from core.logging import get_logger
 from core.notify import notify
 from core.runtime import Runtime
@@ -23,6 +28,63 @@ log = get_logger("gengui.api")
 routes = web.RouteTableDef()
 
 MAX_PAGE = 100
+
+
+# ---- documented shapes (what ``gens.resource`` returns; checked by tests/integration/
+# test_openapi.py against real responses) -------------------------------------------
+
+
+class GenerationError(BaseModel):
+    code: str
+    message: str | None
+
+
+class Generation(BaseModel):
+    """A generation as the API returns it."""
+
+    id: UUID
+    status: Status
+    attempt: int = Field(description="1 for the first try; each retry starts a new attempt.")
+    provider: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    seed: int
+    progress: float | None = Field(description="0..1 while processing, when the engine says.")
+    error: GenerationError | None
+    image_url: str | None = Field(description="Set once completed.")
+    thumbnail_url: str | None = Field(description="Set shortly after completed.")
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+
+class GenerationPage(BaseModel):
+    """Newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[Generation]
+    next_cursor: str | None
+
+
+class ListQuery(BaseModel):
+    limit: int = Field(20, ge=1, le=MAX_PAGE, description="Page size.")
+    cursor: str | None = Field(None, description="`next_cursor` of the previous page.")
+    status: Status | None = Field(None, description="Only generations in this status.")
+
+
+GENERATION_ID = Param("id", "path", {"type": "string", "format": "uuid"}, "The generation's id.")
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+    "Replaying a request with the same key returns the original generation "
+    "(`Idempotent-Replayed: true`); the same key with another body is a 409.",
+)
+IMAGE = Body("image/*", description="The image bytes, or a redirect to a short-lived URL.")
+REDIRECT = Returns(
+    None, "Redirect to a short-lived presigned URL (S3 storage).", {"Location": "The URL."}
+)
 
 
 async def _request_dispatch(rt: Runtime, row: asyncpg.Record) -> None:
@@ -37,8 +99,39 @@ async def _request_dispatch(rt: Runtime, row: asyncpg.Record) -> None:
 
 
 @routes.post("/api/v1/generations")
+@doc(
+    "Create a generation",
+    request=gens.CreateGeneration,
+    params=[IDEMPOTENCY_KEY],
+    responses={
+        202: Returns(
+            Generation,
+            "Accepted: queued for its provider.",
+            {"Location": "The generation's URL.", "Idempotent-Replayed": "`true` on a replay."},
+        ),
+        403: Returns(
+            Error, "`email_unverified`, or `csrf_failed` (a session without X-CSRF-Token)."
+        ),
+        409: None,
+        429: Returns(
+            Error,
+            "`too_many_active`, `daily_quota` or `rate_limited`.",
+            {"Retry-After": "Seconds to wait."},
+        ),
+    },
+    tags=["generations"],
+)
 async def create_generation(request: web.Request) -> web.Response:
+    """Needs a verified e-mail address. Limits: generations queued or running at once,
+    and per UTC day by plan (``GET /api/v1/auth/me`` shows them); a replay with the
+    same Idempotency-Key is never refused by them, nor counted."""
     principal = await require_user(request)
+    if not principal.email_verified:
+        raise Forbidden(
+            "verify your e-mail address to create images (POST /api/v1/auth/verify/resend "
+            "sends the link again)",
+            code="email_unverified",
+        )
     rt = request.app[runtime_key]
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):
@@ -47,18 +140,27 @@ async def create_generation(request: web.Request) -> web.Response:
         )
     body = await parse_body(request, gens.CreateGeneration)
     s = rt.settings
+    # In memory, no I/O: GrowthBook being slow or down cannot slow or fail this.
+    choice = await request.app[selector_key].choose(principal)
     row, created = await gens.create(
         rt.pool,
         principal.user_id,
         body,
-        provider=s.default_provider,
+        provider=choice.provider,
+        flag_rule=choice.rule,
         idempotency_key=key,
         dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
         deadline=timedelta(seconds=s.generation_deadline_s),
+        limits=GenerationLimits.for_plan(s, principal.plan),
     )
     if created:
         await _request_dispatch(rt, row)
-        log.info("generation.created", generation_id=str(row["id"]))
+        log.info(
+            "generation.created",
+            generation_id=str(row["id"]),
+            provider=row["provider"],
+            flag_rule=row["flag_rule"],
+        )
     headers = {"Location": f"/api/v1/generations/{row['id']}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -66,6 +168,12 @@ async def create_generation(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/generations")
+@doc(
+    "List your generations",
+    query=ListQuery,
+    responses={200: GenerationPage},
+    tags=["generations"],
+)
 async def list_generations(request: web.Request) -> web.Response:
     principal = await require_user(request)
     q = request.query
@@ -94,6 +202,11 @@ async def list_generations(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/v1/generations/latest")
+@doc(
+    "Your most recent generation",
+    responses={200: Generation, 404: None},
+    tags=["generations"],
+)
 async def latest_generation(request: web.Request) -> web.Response:
     principal = await require_user(request)
     row = await gens.latest(request.app[runtime_key].pool, principal.user_id)
@@ -114,6 +227,12 @@ async def _owned(request: web.Request) -> tuple[Principal, asyncpg.Record]:
 
 
 @routes.get("/api/v1/generations/{id}")
+@doc(
+    "Read a generation",
+    params=[GENERATION_ID],
+    responses={200: Generation, 404: None},
+    tags=["generations"],
+)
 async def get_generation(request: web.Request) -> web.Response:
     _, row = await _owned(request)
     return json_response(gens.resource(row))
@@ -150,16 +269,34 @@ async def _serve_object(
 
 
 @routes.get("/api/v1/generations/{id}/image")
+@doc(
+    "Download the image",
+    params=[GENERATION_ID],
+    responses={200: IMAGE, 302: REDIRECT, 404: None},
+    tags=["generations"],
+)
 async def generation_image(request: web.Request) -> web.StreamResponse:
     return await _serve_object(request, "image_key", "image_content_type")
 
 
 @routes.get("/api/v1/generations/{id}/thumbnail")
+@doc(
+    "Download the thumbnail (WebP)",
+    params=[GENERATION_ID],
+    responses={200: IMAGE, 302: REDIRECT, 404: None},
+    tags=["generations"],
+)
 async def generation_thumbnail(request: web.Request) -> web.StreamResponse:
     return await _serve_object(request, "thumbnail_key", None)
 
 
 @routes.post("/api/v1/generations/{id}/cancel")
+@doc(
+    "Cancel a generation",
+    params=[GENERATION_ID],
+    responses={200: Generation, 404: None, 409: None},
+    tags=["generations"],
+)
 async def cancel_generation(request: web.Request) -> web.Response:
     """Authoritative: once cancelled, a late result is refused and its image deleted."""
     principal, row = await _owned(request)
@@ -194,6 +331,12 @@ async def cancel_generation(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/v1/generations/{id}/retry")
+@doc(
+    "Retry a failed generation",
+    params=[GENERATION_ID],
+    responses={202: Generation, 404: None, 409: None},
+    tags=["generations"],
+)
 async def retry_generation(request: web.Request) -> web.Response:
     """A failed generation starts a new attempt; results of the old one stay ignored."""
     _, row = await _owned(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -12,15 +13,30 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from core import metrics
+from core.accounts import Accounts, csrf_token
 from core.auth import Principal, authenticate
-from core.errors import GenguiError, InvalidInput, NotFound, Unauthorized
+from core.errors import (
+    Forbidden,
+    GenguiError,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+)
 from core.logging import get_logger
 from core.runtime import Runtime
 
 log = get_logger("gengui.api")
 
 runtime_key = web.AppKey("runtime", Runtime)
+accounts_key = web.AppKey("accounts", Accounts)
 principal_key = web.RequestKey("principal", Principal)
+# Set when the session cookie authenticated the request (not a bearer token).
+session_key = web.RequestKey("session_id", uuid.UUID)
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+request_id_key = web.RequestKey("request_id", str)
 
 B = TypeVar("B", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,7 +51,8 @@ def json_response(
 
 
 def error_response(exc: GenguiError) -> web.Response:
-    return json_response(exc.to_json(), status=exc.status)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
+    return json_response(exc.to_json(), status=exc.status, headers=headers)
 
 
 async def parse_body(request: web.Request, model: type[B]) -> B:
@@ -74,6 +91,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[request_id_key] = request_id
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -81,6 +99,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
+            _observe(request, exc.status, started)  # redirects are raised, not returned
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         response = json_response(
@@ -98,19 +117,87 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status=response.status,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
     )
+    _observe(request, response.status, started)
     return response
 
 
+def _observe(request: web.Request, status: int, started: float) -> None:
+    """Latency by route template: ``/api/v1/generations/{id}``, never the raw path, so
+    ids and junk URLs cannot mint series. Streams a handler writes itself count their
+    whole lifetime."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics.observe_request(route, request.method, status, time.perf_counter() - started)
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response carries ``X-Request-ID``, also those a
+    handler prepares itself (files, event streams) before the middleware sees them."""
+    request_id = request.get(request_id_key)
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+
+
 async def require_user(request: web.Request) -> Principal:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized()
-    principal = await authenticate(request.app[runtime_key].pool, token.strip())
-    if principal is None:
-        raise Unauthorized("the bearer token is not valid", code="invalid_token")
+    """The signed-in user, from ``Authorization: Bearer <API token>`` or, without that
+    header, the session cookie. A cookie is sent by the browser on its own, so an
+    unsafe method authenticated by it must also carry ``X-CSRF-Token`` (see
+    ``core.accounts.csrf_token``); a bearer token is never sent implicitly and needs
+    none. Every authenticated request takes one from the user's per-minute budget."""
+    cached = request.get(principal_key)
+    if cached is not None:  # a handler that asks twice is counted once
+        return cached
+    accounts = request.app.get(accounts_key)
+    header = request.headers.get("Authorization")
+    if header is not None or accounts is None:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized()
+        principal = await authenticate(request.app[runtime_key].pool, token.strip())
+        if principal is None:
+            raise Unauthorized("the bearer token is not valid", code="invalid_token")
+    else:
+        principal = await _session_user(request, accounts)
     structlog.contextvars.bind_contextvars(user_id=str(principal.user_id))
+    if accounts is not None:
+        per_minute = request.app[runtime_key].settings.requests_per_minute
+        await accounts.limiter.check_user(principal.user_id, per_minute)
+    request[principal_key] = principal
     return principal
+
+
+async def _session_user(request: web.Request, accounts: Accounts) -> Principal:
+    settings = request.app[runtime_key].settings
+    token = request.cookies.get(settings.session_cookie)
+    if not token:
+        raise Unauthorized("sign in, or send Authorization: Bearer <API token>")
+    found = await accounts.authenticate_session(token)
+    if found is None:
+        raise Unauthorized("the session has ended: sign in again", code="invalid_session")
+    principal, session_id = found
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):
+            raise Forbidden(
+                f"a signed-in browser request must send the {CSRF_HEADER} header "
+                f"(the value of the {settings.csrf_cookie} cookie)",
+                code="csrf_failed",
+            )
+    request[session_key] = session_id
+    return principal
+
+
+def client_ip(request: web.Request) -> str:
+    """The client's address, for per-IP limits. Behind ``proxy_hops`` reverse proxies
+    it is the entry that many from the right of X-Forwarded-For: each proxy appends
+    the address it saw, so entries further left are whatever the client sent."""
+    hops = request.app[runtime_key].settings.proxy_hops
+    if hops:
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
+        entries = [e.strip() for e in forwarded.split(",") if e.strip()]
+        if len(entries) >= hops:
+            return entries[-hops][:64]
+    return request.remote or "unknown"
 
 
 def parse_uuid(value: str) -> uuid.UUID:

@@ -296,6 +296,9 @@ def _media(
     return {t: ({"schema": schema} if schema is not None else {}) for t in types}
 
 
+CSRF_FAILED = Returns(
+    Error, "`csrf_failed`: a session cookie sent without its X-CSRF-Token header."
+)
 RATE_LIMITED = Returns(
     Error, "Over the per-user request budget.", {"Retry-After": "Seconds to wait."}
 )
@@ -404,6 +407,8 @@ def _operation(op: Operation, d: RouteDoc, models: _Models, schemes: list[str]) 
         # require_user: no or a bad credential; over the per-user request budget.
         responses.setdefault(401, None)
         responses.setdefault(429, RATE_LIMITED)
+        if op.method not in ("GET", "HEAD", "OPTIONS"):
+            responses.setdefault(403, CSRF_FAILED)
     if d.request is not None:
         responses.setdefault(400, None)  # invalid JSON, wrong content type, invalid fields
         responses.setdefault(413, None)  # body over the app's client_max_size

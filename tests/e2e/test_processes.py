@@ -36,6 +36,8 @@ def base_env(tmp_path: Path, port: int) -> dict[str, str]:
         GENGUI_STREAM_PREFIX=f"e2e{uuid.uuid4().hex[:8]}",
         GENGUI_LOG_LEVEL="WARNING",
         GENGUI_RECONCILE_INTERVAL_S="0.5",
+        # The walk-throughs poll several times a second as one user.
+        GENGUI_REQUESTS_PER_MINUTE="0",
     )
     return env
 

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from core.events import LocalJob
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 ProgressFn = Callable[[float], None]
 
@@ -28,7 +31,20 @@ class PlaceholderEngine:
         return render_placeholder(job.prompt, job.negative_prompt, job.width, job.height, job.seed)
 
 
-def load_engine(name: str) -> Engine:
+def load_engine(name: str, settings: Settings | None = None) -> Engine:
+    """Build the engine called ``name``. ``diffusers`` reads its model directory,
+    device and steps from ``settings`` and loads the model now (blocking, seconds)."""
     if name == "placeholder":
         return PlaceholderEngine()
+    if name == "diffusers":
+        from providers.local.engines.diffusers import DiffusersEngine, EngineUnavailable
+
+        if settings is None or settings.worker_model_dir is None:
+            raise EngineUnavailable("the diffusers engine needs GENGUI_WORKER_MODEL_DIR")
+        return DiffusersEngine(
+            settings.worker_model_dir,
+            device=settings.worker_device,
+            steps=settings.worker_steps,
+            guidance_scale=settings.worker_guidance_scale,
+        )
     raise ValueError(f"unknown engine {name!r}")
