@@ -154,6 +154,8 @@ async def create_generation(request: web.Request) -> web.Response:
         limits=GenerationLimits.for_plan(s, principal.plan),
     )
     if created:
+        # Before dispatch: the dispatcher's generation.submitted must come after it.
+        await notify(rt.publisher, row, "generation.queued")
         await _request_dispatch(rt, row)
         log.info(
             "generation.created",
