@@ -30,46 +30,7 @@ REFERENCE = ROOT / "docs" / "configuration.md"
 # Meanings for fields declared without ``description=`` in ``core/settings.py``. Move
 # each into its ``Field(description=...)`` there; a test fails for an entry here whose
 # field has since been described (or removed), so this list only shrinks.
-MISSING_DESCRIPTIONS: dict[str, str] = {
-    "log_format": "`json`: one JSON object a line (production). `console`: pretty, for "
-    "people (the default of `gengui dev`).",
-    "log_level": "Lowest level logged.",
-    "api_host": "Interface the API listens on; `0.0.0.0` inside a container.",
-    "api_port": "Port the API listens on.",
-    "stream_prefix": "Prefix of every Redis stream, channel and key: deployments (and "
-    "test runs) sharing one Redis use different prefixes.",
-    "consumer_block_ms": "How long one XREADGROUP waits for new entries.",
-    "reclaim_interval_s": "How often a consumer looks for idle pending entries.",
-    "runpod_api_url": "RunPod serverless API base URL.",
-    "runpod_endpoint_id": "RunPod endpoint id; RunPod is available when this and the "
-    "API key are set.",
-    "runpod_api_key": "RunPod API key.",
-    "gemini_api_url": "Gemini API base URL.",
-    "gemini_api_key": "Gemini API key; Gemini is available when set.",
-    "gemini_model": "Gemini image model.",
-    "openai_api_url": "OpenAI API base URL.",
-    "openai_api_key": "OpenAI API key; OpenAI is available when set.",
-    "openai_model": "OpenAI image model.",
-    "replicate_api_url": "Replicate API base URL.",
-    "replicate_api_token": "Replicate API token; Replicate is available when set.",
-    "replicate_model": "Replicate model (`owner/name`).",
-    "download_max_bytes": "Largest provider output downloaded, in bytes.",
-    "storage_backend": "`local`: files under the storage directory. `s3`: any S3 API "
-    "(AWS, MinIO, R2).",
-    "s3_bucket": "Bucket for images; required with `s3`.",
-    "s3_endpoint_url": "S3 API endpoint (MinIO, R2); unset for AWS.",
-    "s3_public_endpoint_url": "Endpoint presigned URLs are signed for, when clients reach "
-    "S3 by another host than gengui does.",
-    "s3_region": "S3 region.",
-    "s3_access_key_id": "S3 access key; unset: the default AWS credential chain.",
-    "s3_secret_access_key": "S3 secret key; unset: the default AWS credential chain.",
-    "s3_create_bucket": "Create the bucket at start-up when missing (development).",
-    "worker_engine": "Engine a local GPU worker runs.",
-    "worker_heartbeat_s": "How often a worker says it is alive; the reconciler leaves a "
-    "live worker's jobs alone.",
-    "thumbnail_px": "Longest side of a thumbnail, in pixels.",
-    "reconcile_interval_s": "Time between two reconciler passes.",
-}
+MISSING_DESCRIPTIONS: dict[str, str] = {}
 
 
 def env_var(name: str) -> str:

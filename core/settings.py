@@ -30,29 +30,50 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".gengui"), description="Embedded servers and local images.")
 
     # Logging.
-    log_format: Literal["json", "console"] = "json"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = Field(
+        "json",
+        description=(
+            "`json`: one JSON object a line (production). `console`: pretty, for people "
+            "(the default of `gengui dev`)."
+        ),
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level logged."
+    )
 
     # API.
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_host: str = Field(
+        "127.0.0.1", description="Interface the API listens on; `0.0.0.0` inside a container."
+    )
+    api_port: int = Field(8000, description="Port the API listens on.")
     public_url: str | None = Field(
         None, description="Base URL clients use; default http://host:port."
     )
     db_pool_max: int = Field(10, ge=1, description="asyncpg pool size per process.")
 
     # Streams.
-    stream_prefix: str = Field("gengui", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    stream_prefix: str = Field(
+        "gengui",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description=(
+            "Prefix of every Redis stream, channel and key: deployments (and test runs) "
+            "sharing one Redis use different prefixes."
+        ),
+    )
     stream_maxlen: int = Field(100_000, ge=1000, description="Approximate cap on each stream.")
     consumer_batch: int = Field(100, ge=1, le=10_000, description="Entries per XREADGROUP.")
-    consumer_block_ms: int = Field(1000, ge=1)
+    consumer_block_ms: int = Field(
+        1000, ge=1, description="How long one XREADGROUP waits for new entries."
+    )
     consumer_concurrency: int = Field(
         16, ge=1, description="Messages handled at once per consumer."
     )
     reclaim_idle_ms: int = Field(
         60_000, ge=100, description="Pending entries idle this long are reclaimed."
     )
-    reclaim_interval_s: float = Field(5.0, gt=0)
+    reclaim_interval_s: float = Field(
+        5.0, gt=0, description="How often a consumer looks for idle pending entries."
+    )
     max_deliveries: int = Field(
         5, ge=1, description="Deliveries before a message is dead-lettered."
     )
@@ -100,23 +121,40 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Requests per second per provider across replicas, e.g. {"openai": 5}.',
     )
-    runpod_api_url: str = "https://api.runpod.ai/v2"
-    runpod_endpoint_id: str | None = None
-    runpod_api_key: SecretStr | None = None
+    runpod_api_url: str = Field(
+        "https://api.runpod.ai/v2", description="RunPod serverless API base URL."
+    )
+    runpod_endpoint_id: str | None = Field(
+        None,
+        description="RunPod endpoint id; RunPod is available when this and the API key are set.",
+    )
+    runpod_api_key: SecretStr | None = Field(None, description="RunPod API key.")
     runpod_check_s: float = Field(5.0, gt=0, description="RunPod jobs are polled this often.")
     runpod_execution_timeout_s: int = Field(
         300, ge=5, description="RunPod policy.executionTimeout."
     )
     runpod_ttl_s: int = Field(3600, ge=10, description="RunPod policy.ttl.")
-    gemini_api_url: str = "https://generativelanguage.googleapis.com"
-    gemini_api_key: SecretStr | None = None
-    gemini_model: str = "imagen-4.0-generate-001"
-    openai_api_url: str = "https://api.openai.com"
-    openai_api_key: SecretStr | None = None
-    openai_model: str = "gpt-image-1"
-    replicate_api_url: str = "https://api.replicate.com"
-    replicate_api_token: SecretStr | None = None
-    replicate_model: str = "black-forest-labs/flux-schnell"
+    gemini_api_url: str = Field(
+        "https://generativelanguage.googleapis.com", description="Gemini API base URL."
+    )
+    gemini_api_key: SecretStr | None = Field(
+        None, description="Gemini API key; Gemini is available when set."
+    )
+    gemini_model: str = Field("imagen-4.0-generate-001", description="Gemini image model.")
+    openai_api_url: str = Field("https://api.openai.com", description="OpenAI API base URL.")
+    openai_api_key: SecretStr | None = Field(
+        None, description="OpenAI API key; OpenAI is available when set."
+    )
+    openai_model: str = Field("gpt-image-1", description="OpenAI image model.")
+    replicate_api_url: str = Field(
+        "https://api.replicate.com", description="Replicate API base URL."
+    )
+    replicate_api_token: SecretStr | None = Field(
+        None, description="Replicate API token; Replicate is available when set."
+    )
+    replicate_model: str = Field(
+        "black-forest-labs/flux-schnell", description="Replicate model (`owner/name`)."
+    )
     replicate_webhook_secret: SecretStr | None = Field(
         None, description="Replicate's signing secret (whsec_...)."
     )
@@ -130,22 +168,45 @@ class Settings(BaseSettings):
     download_allow_http: bool = Field(
         False, description="Also allow http:// downloads (tests and mock providers only)."
     )
-    download_max_bytes: int = Field(30 * 1024 * 1024, ge=1024)
+    download_max_bytes: int = Field(
+        30 * 1024 * 1024, ge=1024, description="Largest provider output downloaded, in bytes."
+    )
 
     # Storage.
-    storage_backend: Literal["local", "s3"] = "local"
+    storage_backend: Literal["local", "s3"] = Field(
+        "local",
+        description=(
+            "`local`: files under the storage directory. `s3`: any S3 API (AWS, MinIO, R2)."
+        ),
+    )
     storage_dir: Path | None = Field(None, description="Local image root; default data_dir/images.")
-    s3_bucket: str | None = None
-    s3_endpoint_url: str | None = None
-    s3_public_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
-    s3_create_bucket: bool = False
+    s3_bucket: str | None = Field(None, description="Bucket for images; required with `s3`.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 API endpoint (MinIO, R2); unset for AWS."
+    )
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description=(
+            "Endpoint presigned URLs are signed for, when clients reach S3 by another "
+            "host than gengui does."
+        ),
+    )
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key; unset: the default AWS credential chain."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key; unset: the default AWS credential chain."
+    )
+    s3_create_bucket: bool = Field(
+        False, description="Create the bucket at start-up when missing (development)."
+    )
     image_url_ttl_s: int = Field(300, ge=1, description="Lifetime of presigned image URLs.")
 
     # Local GPU workers.
-    worker_engine: Literal["placeholder", "diffusers"] = "placeholder"
+    worker_engine: Literal["placeholder", "diffusers"] = Field(
+        "placeholder", description="Engine a local GPU worker runs."
+    )
     worker_model_dir: Path | None = Field(
         None,
         description="Local diffusers pipeline directory (with model_index.json) the "
@@ -161,7 +222,13 @@ class Settings(BaseSettings):
     worker_guidance_scale: float | None = Field(
         None, ge=0, description="Classifier-free guidance; unset keeps the model's default."
     )
-    worker_heartbeat_s: float = Field(5.0, gt=0)
+    worker_heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "How often a worker says it is alive; the reconciler leaves a live worker's jobs alone."
+        ),
+    )
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
 
     # Real-time events (core.realtime): SSE and WebSocket clients of the API.
@@ -188,10 +255,14 @@ class Settings(BaseSettings):
     )
 
     # Thumbnails.
-    thumbnail_px: int = Field(128, ge=16, le=1024)
+    thumbnail_px: int = Field(
+        128, ge=16, le=1024, description="Longest side of a thumbnail, in pixels."
+    )
 
     # Reconciler.
-    reconcile_interval_s: float = Field(5.0, gt=0)
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, description="Time between two reconciler passes."
+    )
 
     # Accounts (core.accounts): sign-up, sessions, mailed tokens, login throttling.
     app_url: str | None = Field(
