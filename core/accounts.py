@@ -34,7 +34,7 @@ from uuid import UUID
 import asyncpg
 
 from core import limits as lim
-from core.auth import Principal, hash_token, new_token, principal
+from core.auth import TOKEN_CACHE, Principal, hash_token, new_token, principal
 from core.errors import Conflict, Forbidden, InvalidInput, TooManyRequests, Unauthorized
 from core.logging import get_logger
 from core.mail import Mail, Mailer
@@ -260,6 +260,7 @@ class Accounts:
                     WHERE user_id = $1 AND revoked_at IS NULL""",
                 user_id,
             )
+        TOKEN_CACHE.forget_user(user_id)
         log.info("account.password_reset", user_id=str(user_id))
 
     # ---- API tokens ----------------------------------------------------------------
@@ -306,6 +307,7 @@ class Accounts:
             token_id,
             user_id,
         )
+        TOKEN_CACHE.forget_user(user_id)
         return bool(done == "UPDATE 1")
 
     # ---- reading --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -73,17 +74,59 @@ async def issue_token(
     return token
 
 
-async def authenticate(pool: asyncpg.Pool, token: str) -> Principal | None:
+class TokenCache:
+    """Valid API tokens seen in the last few seconds, so a busy client costs no query per
+    request. Only hits are kept (an unknown token always asks the database). A token
+    revoked in this process is forgotten at once; in another replica it may work for
+    up to ``auth_cache_s`` more (the documented trade-off; 0 turns the cache off)."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, key: bytes) -> Principal | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic():
+            del self._entries[key]
+            return None
+        return hit[1]
+
+    def put(self, key: bytes, principal: Principal, ttl_s: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # rare; a cold cache only costs queries
+        self._entries[key] = (time.monotonic() + ttl_s, principal)
+
+    def forget_user(self, user_id: UUID) -> None:
+        for key in [k for k, (_, p) in self._entries.items() if p.user_id == user_id]:
+            del self._entries[key]
+
+
+TOKEN_CACHE = TokenCache()
+
+
+async def authenticate(pool: asyncpg.Pool, token: str, *, cache_s: float = 0.0) -> Principal | None:
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
+    key = hash_token(token)
+    if cache_s > 0:
+        cached = TOKEN_CACHE.get(key)
+        if cached is not None:
+            return cached
     row = await pool.fetchrow(
         """SELECT u.id, u.email, u.plan, u.email_verified_at IS NOT NULL AS email_verified
              FROM api_tokens t JOIN users u ON u.id = t.user_id
             WHERE t.token_hash = $1 AND t.revoked_at IS NULL
               AND (t.expires_at IS NULL OR t.expires_at > now())""",
-        hash_token(token),
+        key,
     )
-    return principal(row) if row else None
+    if row is None:
+        return None
+    found = principal(row)
+    if cache_s > 0:
+        TOKEN_CACHE.put(key, found, cache_s)
+    return found
 
 
 def principal(row: asyncpg.Record) -> Principal:

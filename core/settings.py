@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Base URL clients use; default http://host:port."
     )
+    auth_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description=(
+            "A valid API token is remembered this long per process (0: ask the database "
+            "every request). A token revoked elsewhere may work this much longer."
+        ),
+    )
     db_pool_max: int = Field(10, ge=1, description="asyncpg pool size per process.")
 
     # Streams.

@@ -15,6 +15,7 @@ from core.api.generations import routes as generation_routes
 from core.api.http import add_request_id_header, json_response, request_middleware, runtime_key
 from core.api.metrics import setup_metrics
 from core.api.openapi import Returns, doc
+from core.api.webapp import setup_webapp
 from core.api.webhooks import providers_key, webhook_secret_key
 from core.api.webhooks import routes as webhook_routes
 from core.flags import ProviderSelector, selector_key
@@ -74,6 +75,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app.add_routes(generation_routes)
     app.add_routes(webhook_routes)
     setup_docs(app)
+    setup_webapp(app)
     setup_metrics(app)
     # Also on responses a handler prepares itself (files, streams), after the middleware.
     app.on_response_prepare.append(add_request_id_header)

@@ -153,7 +153,8 @@ async def require_user(request: web.Request) -> Principal:
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized()
-        principal = await authenticate(request.app[runtime_key].pool, token.strip())
+        rt = request.app[runtime_key]
+        principal = await authenticate(rt.pool, token.strip(), cache_s=rt.settings.auth_cache_s)
         if principal is None:
             raise Unauthorized("the bearer token is not valid", code="invalid_token")
     else:
