@@ -148,9 +148,18 @@ def process_env(
         GENGUI_DATA_DIR=str(data_dir),
         GENGUI_API_PORT=str(port),
         GENGUI_LOG_LEVEL="WARNING",
-        **extra,
     )
+    env.update({**BENCH_LIMITS_OFF, **extra})
     return env
+
+
+# A benchmark submits thousands of generations as one user: the per-user fair-use
+# limits (core.limits) would refuse all but the first few. ``--set`` / ``extra`` win.
+BENCH_LIMITS_OFF = {
+    "GENGUI_REQUESTS_PER_MINUTE": "0",
+    "GENGUI_MAX_ACTIVE_GENERATIONS": "0",
+    "GENGUI_PLAN_QUOTAS": "{}",
+}
 
 
 def mock_provider_env(mock_url: str, provider: str, public_url: str) -> dict[str, str]:
@@ -181,6 +190,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# ``python -c`` body for Procs.start_profiled. The timer is the process's CPU clock, not
+# the wall clock: on a busy two-core box a wall-clock profile charges the time a process
+# sat preempted (typically inside ``socket.send``, which wakes its peer) to whatever
+# call it was in. Only the main thread is profiled, but CPU that worker threads burn
+# meanwhile is charged to the main thread's current call.
+_CPROFILE_BOOT = """
+import cProfile, runpy, sys, time
+stats, sys.argv = sys.argv[1], ["gengui", *sys.argv[2:]]
+profile = cProfile.Profile(time.process_time)
+profile.enable()
+try:
+    runpy.run_module("core.cli", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(stats)
+"""
+
+
 class Procs:
     """The gengui subprocesses of one run, each logging to its own file."""
 
@@ -190,10 +219,21 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.start_command(name, [*gengui_command(), *args])
+
+    def start_profiled(self, name: str, stats: Path, *args: str) -> subprocess.Popen[bytes]:
+        """``gengui ARGS`` under cProfile (stdlib, for when py-spy is not installed): the
+        stats go to ``stats`` when the process exits, which it does cleanly on SIGTERM.
+        Deterministic profiling slows Python code several fold: read shares, not speed."""
+        command = [sys.executable, "-c", _CPROFILE_BOOT, str(stats)]
+        return self.start_command(name, [*command, *args])
+
+    def start_command(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Any command (a baseline's processes), logged and stopped like the others."""
         with open(self.logs / f"{name}.log", "wb") as out:
             # The child keeps its own copy of the descriptor; ours can close now.
             proc = subprocess.Popen(
-                [*gengui_command(), *args],
+                list(command),
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -456,6 +496,51 @@ def summarize_folded(lines: Iterable[str], top: int = 15) -> dict[str, Any]:
         "self": pct(self_counts),
         "inclusive_gengui": pct(incl_counts),
     }
+
+
+def summarize_cprofile(stats_file: Path, top: int = 15) -> dict[str, Any]:
+    """Top functions of a cProfile dump by own time, and gengui's own functions by
+    inclusive time, as % of the profiled total (``Procs.start_profiled`` runs)."""
+    import pstats
+
+    stats = pstats.Stats(str(stats_file))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = max(float(stats.total_tt), 1e-9)  # type: ignore[attr-defined]
+
+    def name(func: tuple[str, int, str]) -> str:
+        file, line, fn = func
+        parts = Path(file).parts
+        short = "/".join(parts[-2:]) if len(parts) > 1 else file
+        return f"{fn} ({short}:{line})"
+
+    def ours(file: str) -> bool:
+        path = Path(file)
+        if not path.is_absolute() or not path.is_relative_to(ROOT):
+            return False
+        return path.relative_to(ROOT).parts[0] in GENGUI_PACKAGES
+
+    # (name, own seconds, inclusive seconds, calls, gengui's own code)
+    rows: list[tuple[str, float, float, int, bool]] = [
+        (name(f), tt, ct, nc, ours(f[0])) for f, (_cc, nc, tt, ct, _callers) in raw.items()
+    ]
+
+    def pick(inclusive: bool) -> list[tuple[str, float, int]]:
+        chosen = [r for r in rows if r[4]] if inclusive else rows
+        ordered = sorted(chosen, key=lambda r: r[2] if inclusive else r[1], reverse=True)
+        return [
+            (r[0], round(100 * (r[2] if inclusive else r[1]) / total, 1), r[3])
+            for r in ordered[:top]
+        ]
+
+    return {"total_s": round(total, 2), "self": pick(False), "inclusive": pick(True)}
+
+
+def print_cprofile(name: str, summary: dict[str, Any], top: int = 15) -> None:
+    print(f"\ncProfile {name} ({summary['total_s']} s of CPU profiled; % of that, calls)")
+    for title, key in (("top self", "self"), ("top inclusive, gengui code", "inclusive")):
+        print(f"  {title}:")
+        for frame, pct, calls in summary[key][:top]:
+            print(f"    {pct:5.1f}%  {calls:>9}  {frame}")
 
 
 # --------------------------------------------------------------------------- load

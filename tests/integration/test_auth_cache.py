@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.auth import TOKEN_CACHE, authenticate
+from core.auth import TOKEN_CACHE, authenticate, hash_token
 from core.runtime import Runtime
 from tests.conftest import UserAuth
 
@@ -28,7 +28,7 @@ async def test_cached_token_is_served_without_the_database(rt: Runtime, alice: U
 
 async def test_unknown_tokens_are_never_cached(rt: Runtime, bob: UserAuth) -> None:
     assert await authenticate(rt.pool, "gg_not-a-real-token", cache_s=60) is None
-    assert TOKEN_CACHE.get(b"gg_not-a-real-token") is None
+    assert TOKEN_CACHE.get(hash_token("gg_not-a-real-token")) is None
     await _revoke_in_db(rt, bob)
     assert await authenticate(rt.pool, bob.token, cache_s=60) is None
 

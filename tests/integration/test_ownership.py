@@ -46,6 +46,10 @@ PUBLIC: dict[tuple[str, str], str] = {
     ("GET", "/docs/events"): "documentation page",
     ("GET", "/docs/asyncapi.json"): "the streams' description",
     ("GET", "/docs/assets/{name}"): "documentation page assets",
+    ("GET", "/"): "the web client's page (it signs in through the API)",
+    ("GET", "/verify-email"): "the web client's page, where the mailed link lands",
+    ("GET", "/reset-password"): "the web client's page, where the mailed link lands",
+    ("GET", "/app/{name}"): "the web client's script and style",
     ("POST", "/api/v1/webhooks/{provider}/{generation_id}"): (
         "provider callbacks: authenticated by the HMAC signature in the URL instead"
     ),
@@ -109,6 +113,7 @@ BOBS: dict[str, Any] = {
         "generation_id": bob.generation_id,
     },
     "/docs/assets/{name}": lambda bob: {"name": "docs.js"},
+    "/app/{name}": lambda bob: {"name": "app.js"},
 }
 
 
