@@ -26,10 +26,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,gpu]' $$torch
 	touch $(STAMP)
 
+# Debian's chromium for the web client's browser tests (tests/browser, Playwright with
+# executable_path): installed with apt-get when missing, where we are root and apt-get
+# exists (about 40 s); elsewhere the browser tests fail and say how to install it.
+# Playwright's own browser downloads (`playwright install`) are never used.
+CHROMIUM ?= /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "$(CHROMIUM) is missing (installing it needs root and apt-get):" \
+	    "the browser tests will fail"; \
+	fi
+
 dev: $(STAMP)
 	$(BIN)/gengui dev
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
