@@ -105,8 +105,24 @@ class Reconciler:
         )
         counts["deadline"] = await self._deadlines()
         rows = await self.rt.pool.fetch(_LEASE_DUE, BATCH, self.grace)
-        backlog: dict[str, bool] = {}  # per queue stream, asked once per tick
-        reasons = await asyncio.gather(*(self._recover(row, backlog) for row in rows))
+        # Whether each queue stream still holds a backlog: asked once per tick, up front
+        # (the row handlers run concurrently and would each ask otherwise).
+        queued_providers = {
+            r["provider"]
+            for r in rows
+            if r["status"] == Status.SUBMITTED and r["provider"] not in self.providers.polling
+        }
+        backlog = {p: await self._has_backlog(p) for p in sorted(queued_providers)}
+        # Queued rows (the common case after Redis lost its streams) go out in one pipeline.
+        requeue = [
+            GenerationRequested(generation_id=r["id"], attempt=r["attempt"])
+            for r in rows
+            if r["status"] == Status.QUEUED
+        ]
+        await self.rt.publisher.send_many(self.rt.settings.keys.requested, requeue)
+        counts["requeue"] = len(requeue)
+        others = [r for r in rows if r["status"] != Status.QUEUED]
+        reasons = await asyncio.gather(*(self._recover(row, backlog) for row in others))
         counts.update(r for r in reasons if r)
         counts["thumbnail"] = await self._thumbnails()
         for reason, n in counts.items():
@@ -116,19 +132,10 @@ class Reconciler:
         return dict(counts)
 
     async def _recover(self, row: asyncpg.Record, backlog: dict[str, bool]) -> str | None:
-        rt = self.rt
         status, provider = Status(row["status"]), row["provider"]
-        if status is Status.QUEUED:
-            await rt.publisher.send(
-                rt.settings.keys.requested,
-                GenerationRequested(generation_id=row["id"], attempt=row["attempt"]),
-            )
-            return "requeue"
         if provider in self.providers.polling:
             return await self._check_remote(row)
         if status is Status.SUBMITTED:
-            if provider not in backlog:
-                backlog[provider] = await self._has_backlog(provider)
             if backlog[provider]:
                 return await self._extend(row)  # still waiting its turn in the queue
             return await self._retry(row, "job_lost")

@@ -1,0 +1,426 @@
+"""Reconciler tick vs table size: ``Reconciler(rt).tick()`` timed in-process.
+
+    .venv/bin/python bench/reconciler_tick.py                 # 10k, 100k, 1M finished rows
+    .venv/bin/python bench/reconciler_tick.py --sizes 10000,100000 --kinds queued
+    .venv/bin/python bench/reconciler_tick.py --cprofile      # + where a tick's time goes
+
+The table grows to each of ``--sizes`` finished rows (90 % completed with a thumbnail,
+8 % failed, 2 % cancelled; INSERT ... SELECT generate_series, then VACUUM ANALYZE).
+Beside them live ``--stuck`` rows of each kind, not due; at each size:
+
+- **empty**: ``--empty-ticks`` ticks with nothing due: the cost of the scans alone;
+- per kind in ``--kinds``, ``--rounds`` rounds: the kind's rows are made due
+  (``next_check_at`` in the past: *re-armed*), then ``tick()`` is called until none
+  is due (a tick leases at most ``reconciler.loop.BATCH`` rows, so 1,000 stuck rows take
+  two ticks). Kinds, each a recovery that leaves the row as it was so rounds repeat:
+  ``queued`` (never dispatched: requeue = one XADD each), ``submitted`` (local job with
+  a backlog in the worker queue: the deadline is pushed back, one UPDATE each),
+  ``processing`` (local job whose worker heartbeats: one history SELECT, one EXISTS,
+  one UPDATE each), ``mixed`` (a third of each).
+
+Figures: tick ms (p50 / max) for the empty tick and for the first tick of each round
+(a full lease), and ms for all ticks of a round. Servers, database and prefix as in
+``bench/e2e.py``; results on stdout and in ``bench/results/reconciler-tick-<ts>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import cProfile
+import datetime as dt
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from e2e import (
+    RESULTS_DIR,
+    ROOT,
+    BenchError,
+    _machine_cpu_s,
+    admin_sql,
+    calibrate,
+    git_info,
+    log,
+    machine_info,
+    print_cprofile,
+    server_versions,
+    start_servers,
+    summarize_cprofile,
+    with_database,
+)
+
+from core.keys import GROUP_GPU_WORKERS
+from core.logging import configure_logging
+from core.runtime import Runtime, open_runtime
+from core.settings import Settings
+from reconciler.loop import BATCH, Reconciler
+
+KINDS = ("queued", "submitted", "processing")
+WORKER = "bench-worker"
+
+_FINISHED = """
+    INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
+                             seed, error_code, image_key, image_content_type, thumbnail_key,
+                             progress, created_at, updated_at, completed_at)
+    SELECT gen_random_uuid(), $3,
+           CASE WHEN i % 50 = 0 THEN 'cancelled' WHEN i % 12 = 0 THEN 'failed'
+                ELSE 'completed' END,
+           1, 'local', 'finished #' || i || ': a lighthouse on a cliff at dusk', 1024, 1024, i,
+           CASE WHEN i % 50 <> 0 AND i % 12 = 0 THEN 'generation_failed' END,
+           CASE WHEN i % 50 <> 0 AND i % 12 <> 0 THEN 'bulk/' || i || '/original.png' END,
+           CASE WHEN i % 50 <> 0 AND i % 12 <> 0 THEN 'image/png' END,
+           CASE WHEN i % 50 <> 0 AND i % 12 <> 0 THEN 'bulk/' || i || '/thumb-128.webp' END,
+           CASE WHEN i % 50 <> 0 AND i % 12 <> 0 THEN 1.0 END,
+           now() - make_interval(secs => i), now() - make_interval(secs => i),
+           CASE WHEN i % 50 <> 0 AND i % 12 <> 0 THEN now() - make_interval(secs => i) END
+      FROM generate_series($1::int, $2::int) AS i
+"""
+
+# Live rows, not due until armed. The deadline is far off: no deadline recovery.
+_LIVE = """
+    INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
+                             seed, created_at, updated_at, next_check_at, deadline_at)
+    SELECT gen_random_uuid(), $1, $2, 1, 'local', 'stuck #' || i, 256, 256, i,
+           now(), now(), now() + interval '1 day', now() + interval '2 days'
+      FROM generate_series(1, $3::int) AS i
+    RETURNING id
+"""
+
+_ARM = "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = ANY($1)"
+_DISARM = "UPDATE generations SET next_check_at = now() + interval '1 day' WHERE id = ANY($1)"
+_DUE = """SELECT count(*) FROM generations
+           WHERE status IN ('queued', 'submitted', 'processing') AND next_check_at <= now()"""
+
+
+async def load_finished(rt: Runtime, user_id: UUID, lo: int, hi: int) -> float:
+    """Rows lo..hi in two parallel INSERTs (two cores), then VACUUM ANALYZE; seconds."""
+    t0 = time.perf_counter()
+    mid = (lo + hi) // 2
+
+    async def insert(a: int, b: int) -> None:
+        async with rt.pool.acquire() as conn:
+            await conn.execute(_FINISHED, a, b, user_id, timeout=1800)
+
+    await asyncio.gather(insert(lo, mid), insert(mid + 1, hi))
+    async with rt.pool.acquire() as conn:
+        await conn.execute("VACUUM ANALYZE generations", timeout=1800)
+        await conn.execute("VACUUM ANALYZE generation_events", timeout=600)
+    return time.perf_counter() - t0
+
+
+async def make_stuck(rt: Runtime, user_id: UUID, per_kind: int) -> dict[str, list[UUID]]:
+    """``per_kind`` live rows of each kind, plus what makes each recovery a no-op:
+    a backlog in the local job stream, a processing history row and a live heartbeat."""
+    stuck: dict[str, list[UUID]] = {}
+    for kind in KINDS:
+        rows = await rt.pool.fetch(_LIVE, user_id, kind, per_kind)
+        stuck[kind] = [r["id"] for r in rows]
+    await rt.pool.execute(
+        """INSERT INTO generation_events (generation_id, attempt, status, detail)
+           SELECT id, 1, 'processing', $2::jsonb FROM unnest($1::uuid[]) AS id""",
+        stuck["processing"],
+        {"source": WORKER},
+    )
+    keys = rt.settings.keys
+    # One entry no runner took yet: the queue is slow, not lost (lag 1).
+    await rt.redis.xadd(keys.jobs_local, {"__data__": b"{}"})
+    await rt.redis.xgroup_create(keys.jobs_local, GROUP_GPU_WORKERS, id="0")
+    await rt.redis.set(keys.worker_heartbeat(WORKER), "1", ex=3600)
+    return stuck
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _ms(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "max": None, "n": 0}
+    return {
+        "p50": round(1000 * statistics.median(values), 2),
+        "max": round(1000 * max(values), 2),
+        "n": len(values),
+    }
+
+
+async def measure(
+    rt: Runtime,
+    rec: Reconciler,
+    stuck: dict[str, list[UUID]],
+    args: argparse.Namespace,
+    profiler: cProfile.Profile | None,
+) -> dict[str, Any]:
+    """Empty ticks, then rounds of each kind; every tick timed on its own."""
+    out: dict[str, Any] = {}
+    empty: list[float] = []
+    for _ in range(args.empty_ticks):
+        t0 = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        counts = await rec.tick()
+        if profiler:
+            profiler.disable()
+        empty.append(time.perf_counter() - t0)
+        if any(counts.values()):
+            raise BenchError(f"an empty tick recovered something: {counts}")
+    out["empty"] = _ms(empty)
+    for kind in args.kinds:
+        if kind == "mixed":
+            # ``--stuck`` rows in all, a third of each kind.
+            shares = [args.stuck // 3 + (1 if i < args.stuck % 3 else 0) for i in range(3)]
+            ids = [g for k, n in zip(KINDS, shares, strict=True) for g in stuck[k][:n]]
+        else:
+            ids = stuck[kind]
+        first: list[float] = []
+        rounds: list[float] = []
+        ticks_per_round: list[int] = []
+        for _ in range(args.rounds):
+            await rt.pool.execute(_ARM, ids)
+            elapsed: list[float] = []
+            while True:
+                t0 = time.perf_counter()
+                if profiler:
+                    profiler.enable()
+                counts = await rec.tick()
+                if profiler:
+                    profiler.disable()
+                elapsed.append(time.perf_counter() - t0)
+                if await rt.pool.fetchval(_DUE) == 0:
+                    break
+                if len(elapsed) > 2 + len(ids) // BATCH:
+                    raise BenchError(f"{kind}: rows still due after {len(elapsed)} ticks")
+            if kind == "queued" and counts["requeue"] == 0:
+                raise BenchError("queued rows were not requeued")
+            first.append(elapsed[0])
+            rounds.append(sum(elapsed))
+            ticks_per_round.append(len(elapsed))
+            await rt.pool.execute(_DISARM, ids)
+        out[kind] = {
+            "rows": len(ids),
+            "first_tick": _ms(first),
+            "round": _ms(rounds),
+            "ticks_per_round": max(ticks_per_round),
+        }
+    return out
+
+
+async def explain(rt: Runtime) -> dict[str, str]:
+    """Execution time and top plan node of each scan of an empty tick (rolled back)."""
+    from reconciler import loop
+
+    plans: dict[str, str] = {}
+    queries = {
+        "lease_due": (loop._LEASE_DUE, BATCH, dt.timedelta(seconds=30)),
+        "past_deadline": (loop._PAST_DEADLINE, BATCH),
+        "lease_thumbnails": (loop._LEASE_THUMBNAILS, BATCH, dt.timedelta(seconds=60)),
+    }
+    async with rt.pool.acquire() as conn:
+        for name, (sql, *params) in queries.items():
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                rows = await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}", *params)
+            finally:
+                await tr.rollback()
+            lines = [r[0] for r in rows]
+            scans = [ln.strip() for ln in lines if "Scan" in ln]
+            total = next((ln for ln in lines if ln.startswith("Execution Time")), "")
+            plans[name] = f"{total}; {' | '.join(scans[:2])}"
+    return plans
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--sizes", default="10000,100000,1000000", help="finished rows, ascending, comma-separated"
+    )
+    p.add_argument("--stuck", type=int, default=1000, help="stuck rows of each kind")
+    p.add_argument(
+        "--kinds",
+        default="queued,submitted,processing,mixed",
+        help="stuck kinds to measure: queued, submitted, processing, mixed",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="re-armed rounds per kind and size")
+    p.add_argument("--empty-ticks", type=int, default=20, help="ticks with nothing due per size")
+    p.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="cProfile the ticks at the largest size (slower: compare shares, not times)",
+    )
+    args = p.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.sizes != sorted(args.sizes):
+        p.error("--sizes must ascend (rows are added, never removed)")
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for kind in args.kinds:
+        if kind not in (*KINDS, "mixed"):
+            p.error(f"unknown kind {kind!r}")
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    started = dt.datetime.now(dt.UTC)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    tmp = Path(tempfile.mkdtemp(prefix="gengui-bench-reconciler-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    token = secrets.token_hex(4)
+    db_name = f"gengui_bench_{token}"
+    prefix = f"bench{token}"
+    meta: dict[str, Any] = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "git": git_info(),
+        "args": vars(args),
+        "batch": BATCH,
+    }
+    meta["calibration_start"] = calibrate()
+    results: list[dict[str, Any]] = []
+    profiler = cProfile.Profile(time.process_time) if args.cprofile else None
+    configure_logging("json", "WARNING")
+    async with contextlib.AsyncExitStack() as stack:
+        servers = await asyncio.to_thread(start_servers, tmp)
+        meta["servers"] = await server_versions(servers)
+        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
+        stack.push_async_callback(
+            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
+        )
+        database_url = with_database(servers.admin_dsn, db_name)
+        log(f"database {db_name}, stream prefix {prefix}")
+        from core.cli import migrate
+
+        await asyncio.to_thread(migrate, database_url)
+        settings = Settings(
+            database_url=database_url,
+            redis_url=servers.redis_url,
+            stream_prefix=prefix,
+            data_dir=tmp / "data",
+            log_level="WARNING",
+        )
+        rt = await stack.enter_async_context(open_runtime(settings))
+
+        async def clean_redis() -> None:
+            found = [k async for k in rt.redis.scan_iter(match=f"{prefix}:*", count=1000)]
+            if found:
+                await rt.redis.delete(*found)
+
+        stack.push_async_callback(clean_redis)
+        from core.auth import create_user
+
+        user_id = await create_user(rt.pool, f"reconciler-{token}@example.com")
+        stuck = await make_stuck(rt, user_id, args.stuck)
+        rec = Reconciler(rt)
+        loaded = 0
+        for size in args.sizes:
+            log(f"loading finished rows {loaded + 1}..{size}")
+            load_s = await load_finished(rt, user_id, loaded + 1, size)
+            loaded = size
+            profile_here = profiler if size == args.sizes[-1] else None
+            log(f"{size} finished rows (loaded in {load_s:.1f} s): ticking")
+            entry: dict[str, Any] = {"finished_rows": size, "load_s": round(load_s, 2)}
+            entry["table_mb"] = round(
+                await rt.pool.fetchval("SELECT pg_total_relation_size('generations')") / 2**20, 1
+            )
+            busy0, _, total0 = _machine_cpu_s()
+            own0, wall0 = _own_cpu_s(), time.perf_counter()
+            entry.update(await measure(rt, rec, stuck, args, profile_here))
+            busy1, _, total1 = _machine_cpu_s()
+            wall = time.perf_counter() - wall0
+            # Whether the box was ours: this process's share, and the whole machine's.
+            entry["cpu"] = {
+                "bench_percent_of_core": round(100 * (_own_cpu_s() - own0) / wall, 1),
+                "machine_busy_percent": round(100 * (busy1 - busy0) / (total1 - total0), 1),
+            }
+            entry["explain_empty"] = await explain(rt)
+            results.append(entry)
+    meta["calibration_end"] = calibrate()
+    git = meta["git"]
+    commit = git.get("commit", "?")[:8] + ("+dirty" if git.get("dirty") else "")
+    print(
+        f"\ngengui reconciler tick, {meta['started_at']} ({meta['machine']['nproc']} cores, "
+        f"{meta['machine']['cpu']}; PostgreSQL {meta['servers']['postgres']} / "
+        f"{meta['servers']['redis']}; commit {commit}"
+        f"{'; ticks at the largest size UNDER cProfile' if args.cprofile else ''})"
+    )
+    print(
+        f"{args.stuck} stuck rows per kind, leased {BATCH} per tick; ms per tick (p50 / max); "
+        f"'round' = every tick until none is due"
+    )
+    head = (
+        f"{'finished rows':>13}{'MB':>6}  {'due rows':<20}{'1st tick p50':>13}{'max':>8}"
+        f"{'round p50':>11}{'max':>8}{'ticks':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for e in results:
+        lead = f"{e['finished_rows']:>13}{e['table_mb']:>6.0f}  "
+        print(f"{lead}{'none (empty tick)':<20}{e['empty']['p50']:>13.2f}{e['empty']['max']:>8.2f}")
+        for kind in args.kinds:
+            k = e[kind]
+            label = f"{k['rows']} {kind}"
+            print(
+                f"{lead}{label:<20}{k['first_tick']['p50']:>13.1f}{k['first_tick']['max']:>8.1f}"
+                f"{k['round']['p50']:>11.1f}{k['round']['max']:>8.1f}{k['ticks_per_round']:>7}"
+            )
+    print(
+        "cpu while ticking (this process, % of one core / machine busy, % of all cores): "
+        + ", ".join(
+            f"{e['finished_rows']} rows {e['cpu']['bench_percent_of_core']:.0f} / "
+            f"{e['cpu']['machine_busy_percent']:.0f}"
+            for e in results
+        )
+    )
+    print("empty tick, each scan (EXPLAIN ANALYZE):")
+    for e in results:
+        for name, plan in e["explain_empty"].items():
+            print(f"  {e['finished_rows']:>8} {name:<17} {plan}")
+    c0, c1 = meta["calibration_start"], meta["calibration_end"]
+    print(
+        f"calibration (ms; start -> end): render 256px {c0['render_256px_ms']} -> "
+        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
+    )
+    if profiler is not None:
+        stats_file = tmp / "ticks.prof"
+        profiler.dump_stats(str(stats_file))
+        meta["cprofile"] = summarize_cprofile(stats_file, top=25)
+        print_cprofile("ticks", meta["cprofile"], top=25)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result_file = RESULTS_DIR / f"reconciler-tick-{stamp}.json"
+    result_file.write_bytes(
+        orjson.dumps(
+            {**meta, "results": results},
+            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
+            default=str,
+        )
+    )
+    print(f"results: {result_file.relative_to(ROOT)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
