@@ -16,7 +16,7 @@ from core.imaging import ImageRejected, make_thumbnail
 from core.logging import get_logger
 from core.notify import notify
 from core.runtime import Runtime
-from core.storage import ObjectNotFound, thumbnail_key
+from core.storage import ObjectNotFound, generation_prefix, thumbnail_key
 
 log = get_logger(__name__)
 
@@ -57,5 +57,9 @@ class Thumbnailer:
         if row is None:
             await rt.storage.delete(key)
             return
-        log.info("thumbnail.ready")
+        # The generation is whole now: a thumbnailer or worker killed mid-write earlier
+        # left a partial file nothing else will clear. A writer still running loses
+        # its rename and is retried, which finds the thumbnail in place.
+        partials = await rt.storage.discard_partials(generation_prefix(row["user_id"], row["id"]))
+        log.info("thumbnail.ready", partials_discarded=partials)
         await notify(rt.publisher, row, "thumbnail.ready")

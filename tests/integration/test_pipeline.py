@@ -197,3 +197,32 @@ async def test_dispatch_fails_a_generation_whose_provider_is_not_configured(
     )
     row = await rt.pool.fetchrow("SELECT status, error_code FROM generations WHERE id = $1", gid)
     assert (row["status"], row["error_code"]) == ("failed", "provider_unknown")
+
+
+async def test_thumbnail_clears_a_partial_write_left_by_a_killed_writer(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """A thumbnailer killed mid-write leaves a temp file; the next one's success clears it."""
+    from consumers.status import StatusProcessor
+    from consumers.thumbnails import Thumbnailer
+    from core.events import ThumbnailRequested
+    from core.storage import generation_prefix
+
+    gid = await _queued_generation(rt, alice)
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    key = original_key(alice.user_id, gid, 1, "png")
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(buf, "PNG")
+    await rt.storage.put(key, buf.getvalue(), "image/png")
+    await StatusProcessor(rt).handle(
+        JobStatus(generation_id=gid, attempt=1, state="completed", image_key=key)
+    )
+    # The killed writer's leftover, after the completion already cleared partials.
+    leftover = rt.storage.local_path(key).parent / ".tmp-killed"  # type: ignore[union-attr]
+    leftover.write_bytes(b"half a thumbnail")
+    await Thumbnailer(rt).handle(
+        ThumbnailRequested(generation_id=gid, attempt=1, user_id=alice.user_id, image_key=key)
+    )
+    assert not leftover.exists()
+    keys = await rt.storage.list_keys(generation_prefix(alice.user_id, gid))
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["original.png", "thumb-128.webp"]
