@@ -259,3 +259,36 @@ def nearest_aspect(width: int, height: int, choices: tuple[str, ...]) -> str:
         return abs(math.log(int(w) / int(h)) - want)
 
     return min(choices, key=distance)
+
+
+class JsonApi:
+    """What RunPod and Replicate share: calls to one base URL with the provider's auth
+    headers and timeout. Subclasses set ``session``, ``_base_url``, ``_label``,
+    ``_headers`` and ``timeout_s``."""
+
+    session: aiohttp.ClientSession
+    _base_url: str
+    _label: str
+    _headers: Mapping[str, str]
+    timeout_s: float
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        json: Any = None,
+        accept: frozenset[int] = frozenset(),
+    ) -> tuple[int, Any]:
+        resp = await request_json(
+            self.session,
+            method,
+            f"{self._base_url}/{path}",
+            what=f"{self._label} {what}",
+            headers=self._headers,
+            timeout_s=self.timeout_s,
+            json=json,
+            accept=accept,
+        )
+        return resp.status, resp.data

@@ -39,7 +39,7 @@ import orjson
 from core.errors import ProviderError, ProviderRejected, ProviderRetryable
 from core.logging import get_logger
 from providers.base import Failure, Job, Outcome, Submission
-from providers.http import bad_output, bearer, nearest_aspect, request_json
+from providers.http import JsonApi, bad_output, bearer, nearest_aspect
 
 log = get_logger(__name__)
 
@@ -51,7 +51,7 @@ _REFUSAL: Final = re.compile(r"nsfw|safety|sensitive|content polic|flagged", re.
 _STATES: Final[Mapping[str, Any]] = {"starting": "queued", "processing": "processing"}
 
 
-class ReplicateProvider:
+class ReplicateProvider(JsonApi):
     """One Replicate model. Implements ``PollingProvider``."""
 
     name = "replicate"
@@ -66,7 +66,8 @@ class ReplicateProvider:
         timeout_s: float,
     ) -> None:
         self.session = session
-        self.api_url = f"{base_url.rstrip('/')}/v1"
+        self._label = "replicate"
+        self._base_url = f"{base_url.rstrip('/')}/v1"
         self._headers = bearer(api_token)
         self.model = model
         self._webhook_key = _signing_key(webhook_secret) if webhook_secret else None
@@ -76,27 +77,6 @@ class ReplicateProvider:
             raise ValueError(f"replicate model must be owner/name[:version], not {model!r}")
         self._create_path = "predictions" if version else f"models/{name}/predictions"
         self._version = version or None
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        what: str,
-        *,
-        json: Any = None,
-        accept: frozenset[int] = frozenset(),
-    ) -> tuple[int, Any]:
-        resp = await request_json(
-            self.session,
-            method,
-            f"{self.api_url}/{path}",
-            what=f"replicate {what}",
-            headers=self._headers,
-            timeout_s=self.timeout_s,
-            json=json,
-            accept=accept,
-        )
-        return resp.status, resp.data
 
     def _input(self, job: Job) -> dict[str, Any]:
         data: dict[str, Any] = {

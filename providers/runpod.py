@@ -33,7 +33,7 @@ import orjson
 
 from core.errors import ProviderError, ProviderRejected, ProviderRetryable
 from providers.base import Failure, Job, Outcome, Submission
-from providers.http import bad_output, bearer, decode_image_b64, request_json
+from providers.http import JsonApi, bad_output, bearer, decode_image_b64
 
 # Our handler's prefix for a job it refuses: the same input will always be refused.
 INVALID_INPUT = "invalid_input:"
@@ -41,7 +41,7 @@ INVALID_INPUT = "invalid_input:"
 _QUEUED = {"IN_QUEUE": "queued", "IN_PROGRESS": "processing"}
 
 
-class RunPodProvider:
+class RunPodProvider(JsonApi):
     """One RunPod serverless endpoint. Implements ``PollingProvider``."""
 
     name = "runpod"
@@ -57,32 +57,12 @@ class RunPodProvider:
         timeout_s: float,
     ) -> None:
         self.session = session
-        self.endpoint_url = f"{base_url.rstrip('/')}/{endpoint_id}"
+        self._label = "runpod"
+        self._base_url = f"{base_url.rstrip('/')}/{endpoint_id}"
         self._headers = bearer(api_key)
         self.execution_timeout_ms = int(execution_timeout_s * 1000)
         self.ttl_ms = int(ttl_s * 1000)
         self.timeout_s = timeout_s
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        what: str,
-        *,
-        json: Any = None,
-        accept: frozenset[int] = frozenset(),
-    ) -> tuple[int, Any]:
-        resp = await request_json(
-            self.session,
-            method,
-            f"{self.endpoint_url}/{path}",
-            what=f"runpod {what}",
-            headers=self._headers,
-            timeout_s=self.timeout_s,
-            json=json,
-            accept=accept,
-        )
-        return resp.status, resp.data
 
     async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
         body: dict[str, Any] = {
