@@ -21,7 +21,7 @@ from core.keys import GROUP_HOSTED
 from core.logging import get_logger
 from core.ratelimit import RateLimiter
 from core.runtime import Runtime, consumer_name
-from core.service import Loop
+from core.service import Loop, with_companions
 from core.streams import StreamConsumer, dedicated_client
 from providers.base import Failure, Job, SyncProvider, classify
 from providers.local.worker import heartbeat
@@ -117,10 +117,10 @@ def hosted_loops(
             LocalJob,
             runner.handle,
         )
-        loops[f"hosted:{name}"] = consumer.run
 
         async def beat(stop: asyncio.Event, runner: HostedRunner = runner) -> None:
             await heartbeat(rt, runner.runner_id, stop)
 
-        loops[f"hosted:{name}:heartbeat"] = beat
+        # The heartbeat outlives the stop request until the calls in flight are done.
+        loops[f"hosted:{name}"] = with_companions(consumer.run, beat)
     return loops

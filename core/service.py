@@ -43,8 +43,46 @@ async def run_loops(loops: dict[str, Loop], stop: asyncio.Event, *, grace_s: flo
         raise RuntimeError(f"loop {tasks[failed[0]]} failed") from failed[0].exception()
 
 
+def with_companions(main: Loop, *companions: Loop) -> Loop:
+    """``main``, with ``companions`` (a heartbeat) running until ``main`` has *returned*,
+    not merely until stop is asked: a worker finishing its job in the grace period must
+    still look alive, or the reconciler retries that job under a new attempt. A
+    companion that dies stops everything, like any loop."""
+
+    async def run(stop: asyncio.Event) -> None:
+        finished = asyncio.Event()
+        tasks = [asyncio.create_task(companion(finished)) for companion in companions]
+
+        def died(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                stop.set()
+
+        for task in tasks:
+            task.add_done_callback(died)
+        try:
+            await main(stop)
+        finally:
+            finished.set()
+            # Bounded: a companion stuck on I/O must not hold up a hard stop.
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            for task in stuck:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    return run
+
+
 def install_signal_handlers(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT ask every loop to stop; called once, by the CLI."""
     loop = asyncio.get_running_loop()
+
+    def asked(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("service.stopping", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, asked, sig)

@@ -20,7 +20,7 @@ from core.imaging import ImageRejected, sniff_image
 from core.keys import GROUP_GPU_WORKERS
 from core.logging import get_logger
 from core.runtime import Runtime, consumer_name
-from core.service import Loop
+from core.service import Loop, with_companions
 from core.storage import original_key
 from core.streams import StreamConsumer, dedicated_client
 from providers.local.engines import Engine
@@ -126,4 +126,5 @@ def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
         worker.handle,
     )
 
-    return {"worker:consume": consumer.run, "worker:heartbeat": worker.heartbeat}
+    # The heartbeat outlives the stop request until the job in hand is finished.
+    return {"worker:consume": with_companions(consumer.run, worker.heartbeat)}
