@@ -43,9 +43,6 @@ class RateLimiter:
         self.limits = limits
         self._script: Any = redis.register_script(_TAKE)
 
-    def limited(self, provider: str) -> bool:
-        return provider in self.limits
-
     async def take(self, provider: str) -> float:
         rate = self.limits.get(provider)
         if rate is None:

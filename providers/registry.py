@@ -66,9 +66,6 @@ class ProviderSet:
     def local_only(cls, publisher: Publisher) -> ProviderSet:
         return cls(dispatch={"local": QueueProvider("local", publisher)})
 
-    def queue_names(self) -> set[str]:
-        return set(self.dispatch) - set(self.polling)
-
 
 def check_after(settings: Settings, provider: str) -> timedelta:
     """How long a dispatched job may stay silent before the reconciler looks at it."""
