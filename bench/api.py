@@ -57,26 +57,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import (
-    RESULTS_DIR,
     ROOT,
     BenchError,
     CpuMeter,
     Procs,
-    admin_sql,
     calibrate,
     cpu_percent,
     free_port,
+    fresh_database,
     git_info,
     log,
     machine_info,
     percentiles,
+    print_calibration,
     print_cprofile,
     process_env,
     server_versions,
     start_servers,
     summarize_cprofile,
     wait_ready,
-    with_database,
+    write_results,
 )
 
 PAGE = 50
@@ -621,15 +621,8 @@ async def run(args: argparse.Namespace) -> int:
         servers = await asyncio.to_thread(start_servers, tmp)
         versions = await server_versions(servers)
         meta["servers"] = versions
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
+        database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
 
         async def clean_redis() -> None:
             client = aioredis.Redis.from_url(servers.redis_url)
@@ -815,24 +808,11 @@ async def run(args: argparse.Namespace) -> int:
             extra.append(f"warning: {r['cpu_percent']['other']:.0f}% of a core went elsewhere")
         if extra:
             print(f"  {r['name']}: " + "; ".join(extra))
-    c0, c1 = meta["calibration_start"], meta["calibration_end"]
-    print(
-        f"calibration (ms; start -> end): render 256px {c0['render_256px_ms']} -> "
-        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
-    )
+    print_calibration(meta)
     print(f"exit codes: {meta.get('exit_codes')}")
     if "cprofile" in meta:
         print_cprofile("api (every phase, bulk load idle)", meta["cprofile"], top=25)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS_DIR / f"api-{stamp}.json"
-    result_file.write_bytes(
-        orjson.dumps(
-            {**meta, "results": phases},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
-            default=str,
-        )
-    )
-    print(f"results: {result_file.relative_to(ROOT)}")
+    write_results("api", stamp, {**meta, "results": phases})
     bad = [
         r["name"]
         for r in phases

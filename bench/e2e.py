@@ -111,6 +111,39 @@ async def admin_sql(admin_dsn: str, sql: str) -> Any:
         await conn.close(timeout=10)
 
 
+async def fresh_database(stack: contextlib.AsyncExitStack, servers: Servers, db_name: str) -> str:
+    """Create ``db_name`` on the run's server, migrate it, and drop it (``WITH (FORCE)``)
+    when ``stack`` closes; returns its URL. Every benchmark measures a fresh database."""
+    from core.cli import migrate
+
+    await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
+    stack.push_async_callback(
+        admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
+    )
+    database_url = with_database(servers.admin_dsn, db_name)
+    await asyncio.to_thread(migrate, database_url)
+    return database_url
+
+
+def print_calibration(meta: dict[str, Any]) -> None:
+    c0, c1 = meta["calibration_start"], meta["calibration_end"]
+    print(
+        f"calibration (fixed work, ms; start -> end): render 256px {c0['render_256px_ms']} -> "
+        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
+    )
+
+
+def write_results(name: str, stamp: str, data: dict[str, Any]) -> Path:
+    """Save a run's figures as ``bench/results/<name>-<stamp>.json`` and say where."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    path.write_bytes(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
+    )
+    print(f"results: {path.relative_to(ROOT)}")
+    return path
+
+
 async def server_versions(servers: Servers) -> dict[str, str]:
     pg = await admin_sql(servers.admin_dsn, "SHOW server_version")
     client = aioredis.Redis.from_url(servers.redis_url)
@@ -1180,15 +1213,8 @@ async def run(args: argparse.Namespace) -> int:
             "postgres_version": f"PostgreSQL {versions['postgres']}",
             "redis_version": versions["redis"],
         }
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
+        database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
 
         async def clean_redis() -> None:
             client = aioredis.Redis.from_url(servers.redis_url)

@@ -43,26 +43,23 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import orjson
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import (
-    RESULTS_DIR,
-    ROOT,
     BenchError,
     _machine_cpu_s,
-    admin_sql,
     calibrate,
+    fresh_database,
     git_info,
     log,
     machine_info,
+    print_calibration,
     print_cprofile,
     server_versions,
     start_servers,
     summarize_cprofile,
-    with_database,
+    write_results,
 )
 
 from core.keys import GROUP_GPU_WORKERS
@@ -297,15 +294,8 @@ async def run(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         servers = await asyncio.to_thread(start_servers, tmp)
         meta["servers"] = await server_versions(servers)
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
+        database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
         settings = Settings(
             database_url=database_url,
             redis_url=servers.redis_url,
@@ -390,26 +380,13 @@ async def run(args: argparse.Namespace) -> int:
     for e in results:
         for name, plan in e["explain_empty"].items():
             print(f"  {e['finished_rows']:>8} {name:<17} {plan}")
-    c0, c1 = meta["calibration_start"], meta["calibration_end"]
-    print(
-        f"calibration (ms; start -> end): render 256px {c0['render_256px_ms']} -> "
-        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
-    )
+    print_calibration(meta)
     if profiler is not None:
         stats_file = tmp / "ticks.prof"
         profiler.dump_stats(str(stats_file))
         meta["cprofile"] = summarize_cprofile(stats_file, top=25)
         print_cprofile("ticks", meta["cprofile"], top=25)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS_DIR / f"reconciler-tick-{stamp}.json"
-    result_file.write_bytes(
-        orjson.dumps(
-            {**meta, "results": results},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
-            default=str,
-        )
-    )
-    print(f"results: {result_file.relative_to(ROOT)}")
+    write_results("reconciler-tick", stamp, {**meta, "results": results})
     return 0
 
 

@@ -48,8 +48,8 @@ from e2e import (
     BenchError,
     Procs,
     _proc_stat,
-    admin_sql,
     free_port,
+    fresh_database,
     git_info,
     log,
     machine_info,
@@ -58,7 +58,6 @@ from e2e import (
     server_versions,
     start_servers,
     wait_ready,
-    with_database,
 )
 
 # --------------------------------------------------------------------------- clients
@@ -280,14 +279,7 @@ async def run(args: argparse.Namespace) -> int:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         servers = await asyncio.to_thread(start_servers, tmp)
         versions = await server_versions(servers)
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
+        database_url = await fresh_database(stack, servers, db_name)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         env = process_env(database_url, servers.redis_url, prefix, tmp / "data", port)

@@ -40,31 +40,29 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import (
-    RESULTS_DIR,
-    ROOT,
     BenchError,
     CpuMeter,
     Procs,
-    admin_sql,
     calibrate,
     cpu_percent,
     free_port,
+    fresh_database,
     git_info,
     log,
     machine_info,
+    print_calibration,
     print_cprofile,
     process_env,
     server_versions,
     start_servers,
     summarize_cprofile,
-    with_database,
+    write_results,
 )
 
 from core.events import JobStatus
@@ -175,15 +173,8 @@ async def run(args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         servers = await asyncio.to_thread(start_servers, tmp)
         meta["servers"] = await server_versions(servers)
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
+        database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
         client = aioredis.Redis.from_url(servers.redis_url)
         stack.push_async_callback(client.aclose)
 
@@ -338,24 +329,11 @@ async def run(args: argparse.Namespace) -> int:
         f"thumbnail requests {result['thumbnail_requests']}, dead letters "
         f"{result['dead_letters']}; consumer start-up {meta['startup_s']} s"
     )
-    c0, c1 = meta["calibration_start"], meta["calibration_end"]
-    print(
-        f"calibration (ms; start -> end): render 256px {c0['render_256px_ms']} -> "
-        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
-    )
+    print_calibration(meta)
     print(f"exit codes: {meta.get('exit_codes')}")
     if "cprofile" in meta:
         print_cprofile("consumer", meta["cprofile"], top=25)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS_DIR / f"status-drain-{stamp}.json"
-    result_file.write_bytes(
-        orjson.dumps(
-            {**meta, "result": result},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
-            default=str,
-        )
-    )
-    print(f"results: {result_file.relative_to(ROOT)}")
+    write_results("status-drain", stamp, {**meta, "result": result})
     problems = []
     if result["statuses"].get("completed") != result["generations"]:
         problems.append(f"not every row completed: {result['statuses']}")

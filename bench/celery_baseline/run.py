@@ -37,14 +37,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import orjson
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from e2e import (
-    RESULTS_DIR,
     ROOT,
     BenchError,
     CpuMeter,
@@ -53,21 +51,22 @@ from e2e import (
     PhaseResult,
     Procs,
     _proc_stat,
-    admin_sql,
     calibrate,
     final_state,
     free_port,
+    fresh_database,
     git_info,
     log,
     machine_info,
     phase_plan,
+    print_calibration,
     print_table,
     process_env,
     run_phase,
     server_versions,
     start_servers,
     wait_ready,
-    with_database,
+    write_results,
 )
 
 BENCH = Path(__file__).resolve().parents[1]
@@ -168,15 +167,8 @@ async def run(args: argparse.Namespace) -> int:
             lambda: os.popen(f"{args.celery_python} -m celery --version").read().strip()
         )
         meta["celery_version"] = celery_version
-        await admin_sql(servers.admin_dsn, f'CREATE DATABASE "{db_name}"')
-        stack.push_async_callback(
-            admin_sql, servers.admin_dsn, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'
-        )
-        database_url = with_database(servers.admin_dsn, db_name)
+        database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, prefix {prefix}, celery {celery_version}, queue {queue}")
-        from core.cli import migrate
-
-        await asyncio.to_thread(migrate, database_url)
 
         broker_url = with_db_number(servers.redis_url, args.celery_db)
         broker = aioredis.Redis.from_url(broker_url)
@@ -273,23 +265,10 @@ async def run(args: argparse.Namespace) -> int:
     meta["calibration_end"] = calibrate()
     print(f"\nCelery + Redis baseline ({meta['celery_version']}, pool {args.pool})")
     print_table(results, meta)
-    c0, c1 = meta["calibration_start"], meta["calibration_end"]
-    print(
-        f"\ncalibration (fixed work, ms; start -> end): render 256px {c0['render_256px_ms']} -> "
-        f"{c1['render_256px_ms']}, python loop {c0['python_loop_ms']} -> {c1['python_loop_ms']}"
-    )
+    print_calibration(meta)
     print(f"exit codes: {meta.get('exit_codes')}")
     print(f"final state: {meta.get('final_state')}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS_DIR / f"celery-{stamp}.json"
-    result_file.write_bytes(
-        orjson.dumps(
-            {**meta, "results": [asdict(r) for r in results]},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
-            default=str,
-        )
-    )
-    print(f"\nresults: {result_file.relative_to(ROOT)}")
+    write_results("celery", stamp, {**meta, "results": [asdict(r) for r in results]})
     problems = [f"phase {r.name}: {r.failures} failed" for r in results if not r.ok]
     # Celery's worker exits 0 on SIGTERM (warm shutdown); anything else is a problem.
     problems += [f"{k} exited with {v}" for k, v in meta.get("exit_codes", {}).items() if v != 0]
