@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1172,6 +1172,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@contextlib.asynccontextmanager
+async def user_session(
+    procs: Procs, base_url: str, email: str, concurrency: int
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """Once the API answers: a user made with ``gengui users create`` and an HTTP session
+    carrying its token, sized for ``concurrency`` requests in flight."""
+    await wait_ready(base_url, procs)
+    out = await asyncio.to_thread(procs.run, "users", "create", email)
+    api_token = out.strip().splitlines()[-1]
+    connector = aiohttp.TCPConnector(limit=max(concurrency, 1024))
+    async with aiohttp.ClientSession(
+        base_url,
+        headers={"Authorization": f"Bearer {api_token}"},
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=60),
+    ) as http:
+        yield http
+
+
+async def warm_up(load: Load, procs: Procs, meter: CpuMeter, args: argparse.Namespace) -> None:
+    """``--warmup`` generations, not reported; a failed warm-up stops the run."""
+    if not args.warmup:
+        return
+    warm = await run_phase(
+        "warmup", load, procs, meter, args, n=args.warmup, concurrency=min(4, args.warmup)
+    )
+    if not warm.ok:
+        raise BenchError(
+            f"warm-up failed: {warm.completed}/{warm.n} completed, "
+            f"{warm.thumbnails_missing} without thumbnail, errors {warm.errors}"
+        )
+
+
 def phase_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """(name, run_phase keyword arguments) of each measured phase, in order."""
     rates = (
@@ -1285,34 +1318,11 @@ async def run(args: argparse.Namespace) -> int:
         if args.reconciler:
             procs.start("reconciler", "reconciler")
         try:
-            await wait_ready(base_url, procs)
-            user_out = await asyncio.to_thread(
-                procs.run, "users", "create", f"bench-{token}@example.com"
-            )
-            api_token = user_out.strip().splitlines()[-1]
-            connector = aiohttp.TCPConnector(limit=max(args.concurrency, 1024))
-            async with aiohttp.ClientSession(
-                base_url,
-                headers={"Authorization": f"Bearer {api_token}"},
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=60),
+            async with user_session(
+                procs, base_url, f"bench-{token}@example.com", args.concurrency
             ) as http:
                 load = Load(http, listener, args)
-                if args.warmup:
-                    warm = await run_phase(
-                        "warmup",
-                        load,
-                        procs,
-                        meter,
-                        args,
-                        n=args.warmup,
-                        concurrency=min(4, args.warmup),
-                    )
-                    if not warm.ok:
-                        raise BenchError(
-                            f"warm-up failed: {warm.completed}/{warm.n} completed, "
-                            f"{warm.thumbnails_missing} without thumbnail, errors {warm.errors}"
-                        )
+                await warm_up(load, procs, meter, args)
                 profiler = Profiler(
                     RESULTS_DIR / f"e2e-{stamp}-profile",
                     args.profile_rate,

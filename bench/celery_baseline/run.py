@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,7 +64,8 @@ from e2e import (
     run_phase,
     server_versions,
     start_servers,
-    wait_ready,
+    user_session,
+    warm_up,
     write_results,
 )
 
@@ -229,34 +229,11 @@ async def run(args: argparse.Namespace) -> int:
             worker += ["--concurrency", str(args.celery_concurrency)]
         procs.start_command("celery", worker)
         try:
-            await wait_ready(base_url, procs)
-            out = await asyncio.to_thread(
-                procs.run, "users", "create", f"bench-{token}@example.com"
-            )
-            api_token = out.strip().splitlines()[-1]
-            connector = aiohttp.TCPConnector(limit=max(args.concurrency, 1024))
-            async with aiohttp.ClientSession(
-                base_url,
-                headers={"Authorization": f"Bearer {api_token}"},
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=60),
+            async with user_session(
+                procs, base_url, f"bench-{token}@example.com", args.concurrency
             ) as http:
                 load = Load(http, listener, args)
-                if args.warmup:
-                    warm = await run_phase(
-                        "warmup",
-                        load,
-                        procs,
-                        meter,
-                        args,
-                        n=args.warmup,
-                        concurrency=min(4, args.warmup),
-                    )
-                    if not warm.ok:
-                        raise BenchError(
-                            f"warm-up failed: {warm.completed}/{warm.n} completed, "
-                            f"errors {warm.errors}"
-                        )
+                await warm_up(load, procs, meter, args)
                 for name, kwargs in phase_plan(args):
                     results.append(await run_phase(name, load, procs, meter, args, **kwargs))
         except BaseException:
