@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1387,8 +1387,10 @@ def print_profile(profile: dict[str, dict[str, Any]], top: int = 8) -> None:
             print(f"    {pct:5.1f}%  {frame}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_bounded(
+    run: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """``run(args)`` under ``--max-runtime``; a timeout or a BenchError is exit code 1."""
 
     async def bounded() -> int:
         async with asyncio.timeout(args.max_runtime):
@@ -1402,6 +1404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         log(f"error: {exc}")
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from e2e import (
     machine_info,
     percentiles,
     process_env,
+    run_bounded,
     server_versions,
     start_servers,
     wait_ready,
@@ -418,20 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    async def bounded() -> int:
-        async with asyncio.timeout(args.max_runtime):
-            return await run(args)
-
-    try:
-        return asyncio.run(bounded())
-    except TimeoutError:
-        log(f"gave up after --max-runtime {args.max_runtime}s")
-        return 1
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

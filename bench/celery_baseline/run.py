@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from e2e import (
     ROOT,
-    BenchError,
     CpuMeter,
     Listener,
     Load,
@@ -61,6 +60,7 @@ from e2e import (
     print_calibration,
     print_table,
     process_env,
+    run_bounded,
     run_phase,
     server_versions,
     start_servers,
@@ -255,20 +255,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    async def bounded() -> int:
-        async with asyncio.timeout(args.max_runtime):
-            return await run(args)
-
-    try:
-        return asyncio.run(bounded())
-    except TimeoutError:
-        log(f"gave up after --max-runtime {args.max_runtime}s")
-        return 1
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":
