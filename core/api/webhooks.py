@@ -40,13 +40,13 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
     """The body, up to ``limit`` bytes: webhook bodies may carry an image, far above the
     API's JSON limit, but not without bound."""
     if request.content_length is not None and request.content_length > limit:
-        raise InvalidInput("the webhook body is too large", code="payload_too_large")
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
-            raise InvalidInput("the webhook body is too large", code="payload_too_large")
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -84,7 +84,7 @@ class WebhookAck(BaseModel):
             required=True,
         ),
     ],
-    responses={200: WebhookAck, 401: None, 404: None},
+    responses={200: WebhookAck, 401: None, 404: None, 413: None},
     tags=["webhooks"],
     auth=False,
 )

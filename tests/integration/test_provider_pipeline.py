@@ -334,3 +334,20 @@ async def _png_b64() -> str:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+async def test_oversized_webhook_body_is_413_and_changes_nothing(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    async with stack(rt, alice, "runpod", download_max_bytes=1024) as s:
+        gid = await s.create("big [mock:stuck]")
+        async with asyncio.timeout(10):
+            while not (await s.row(gid))["provider_job_id"]:
+                await asyncio.sleep(0.05)
+        url = webhook_url(s.rt.settings, webhook_secret(s.rt.settings), "runpod", uuid.UUID(gid), 1)
+        body = {"id": "x", "status": "COMPLETED", "output": {"image_base64": "A" * 200_000}}
+        async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "payload_too_large"
+        row = await s.row(gid)
+        assert (row["status"], row["image_key"]) == ("submitted", None)
