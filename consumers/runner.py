@@ -44,11 +44,14 @@ def consumer_loops(
     loops: dict[str, Loop] = {}
     for role in roles:
         spec: tuple[str, str, type[Any], Any, dict[str, Any]]
+        batch_handler: Any = None
         if role == "dispatch":
             handler: Any = Dispatcher(rt, providers, limiter).handle
             spec = (keys.requested, GROUP_DISPATCHERS, GenerationRequested, handler, {})
         elif role == "status":
-            spec = (keys.job_status, GROUP_STATUS, JobStatus, StatusProcessor(rt).handle, {})
+            processor = StatusProcessor(rt)
+            batch_handler = processor.handle_batch
+            spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, {})
         elif role == "thumbnails":
             # CPU-bound: one thread per core is all concurrency buys here.
             handler = Thumbnailer(rt).handle
@@ -74,6 +77,7 @@ def consumer_loops(
             rt.consumer_config(stream, group, role, **overrides),
             schema,
             handler,
+            batch_handler,
         )
         loops[f"consumer:{role}"] = consumer.run
     return loops

@@ -4,159 +4,234 @@ thumbnail requests.
 Every report is applied with a CAS fenced by attempt, so duplicates and reports from
 older attempts change nothing. A refused ``completed`` report whose image is not the
 generation's image has its stored object deleted: no orphan, never a second image.
+
+Reports are applied a batch at a time (one stream read): one statement per kind of
+report moves every generation of the batch, and the notices and thumbnail requests go
+out in one pipeline after them. A generation reported twice in one batch (its
+``processing`` and ``completed``, say) is applied in report order: the batch is cut into
+rounds in which each generation appears once.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
+from uuid import UUID
 
 import asyncpg
-import structlog
 
 from core import lifecycle, metrics
 from core.events import JobStatus, ThumbnailRequested
-from core.lifecycle import Status
+from core.lifecycle import Change, Status
 from core.logging import get_logger
-from core.notify import notify
+from core.notify import Outbox
 from core.retry import next_attempt_due
 from core.runtime import Runtime
 from core.storage import clear_generation, generation_prefix, sweep
 
 log = get_logger(__name__)
 
+# Submit -> completed of the winning attempt, for the duration metric.
+_SUBMITTED_AT = """
+    SELECT DISTINCT ON (e.generation_id) e.generation_id, e.created_at
+      FROM generation_events e
+      JOIN unnest($1::uuid[], $2::int[]) AS i(id, attempt)
+        ON e.generation_id = i.id AND e.attempt = i.attempt
+     WHERE e.status = 'submitted'
+     ORDER BY e.generation_id, e.id DESC
+"""
+
+
+def rounds(reports: Sequence[JobStatus]) -> list[list[JobStatus]]:
+    """Cut reports into rounds that name each generation at most once, keeping each
+    generation's reports in order: its n-th report goes to round n."""
+    seen: dict[UUID, int] = defaultdict(int)
+    out: list[list[JobStatus]] = []
+    for report in reports:
+        n = seen[report.generation_id]
+        seen[report.generation_id] = n + 1
+        if n == len(out):
+            out.append([])
+        out[n].append(report)
+    return out
+
+
+def _source(report: JobStatus) -> dict[str, str] | None:
+    return {"source": report.source} if report.source else None
+
 
 class StatusProcessor:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.check_after = timedelta(seconds=rt.settings.local_check_s)
+        self.thumbnail_grace = timedelta(seconds=rt.settings.thumbnail_grace_s)
 
-    async def handle(self, msg: JobStatus) -> None:
-        structlog.contextvars.bind_contextvars(
-            generation_id=str(msg.generation_id), attempt=msg.attempt
-        )
-        if msg.state == "processing":
-            await self._processing(msg)
-        elif msg.state == "progress":
-            await self._progress(msg)
-        elif msg.state == "completed":
-            await self._completed(msg)
-        else:
-            await self._failed(msg)
+    async def handle(self, report: JobStatus) -> None:
+        await self.handle_batch([report])
 
-    async def _processing(self, msg: JobStatus) -> None:
-        row = await lifecycle.transition(
-            self.rt.pool,
-            msg.generation_id,
-            attempt=msg.attempt,
-            to=Status.PROCESSING,
-            next_check_at=lifecycle.due_in(self.check_after),
-            detail={"source": msg.source} if msg.source else None,
-        )
-        if row is not None:
-            await notify(self.rt.publisher, row, "generation.processing")
+    async def handle_batch(self, reports: Sequence[JobStatus]) -> None:
+        outbox = Outbox(self.rt.publisher)
+        try:
+            for batch in rounds(reports):
+                by_state: dict[str, list[JobStatus]] = defaultdict(list)
+                for report in batch:
+                    by_state[report.state].append(report)
+                # Distinct generations: the kinds of a round can run side by side.
+                results = await asyncio.gather(
+                    self._processing(by_state["processing"], outbox),
+                    self._progress(by_state["progress"], outbox),
+                    self._completed(by_state["completed"], outbox),
+                    *(self._failed(report, outbox) for report in by_state["failed"]),
+                    return_exceptions=True,
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+        finally:
+            # What did move is told even if a later part of the batch failed.
+            await outbox.flush()
 
-    async def _progress(self, msg: JobStatus) -> None:
-        if msg.progress is None:
+    async def _processing(self, reports: list[JobStatus], outbox: Outbox) -> None:
+        due = lifecycle.due_in(self.check_after)
+        changes = [
+            Change(r.generation_id, r.attempt, {"next_check_at": due}, _source(r)) for r in reports
+        ]
+        for row in await lifecycle.transition_many(self.rt.pool, Status.PROCESSING, changes):
+            outbox.notify(row, "generation.processing")
+
+    async def _progress(self, reports: list[JobStatus], outbox: Outbox) -> None:
+        due = lifecycle.due_in(self.check_after)
+        changes = [
+            Change(r.generation_id, r.attempt, {"progress": r.progress, "next_check_at": due})
+            for r in reports
+            if r.progress is not None
+        ]
+        for row in await lifecycle.record_progress(self.rt.pool, changes):
+            outbox.notify(row, "generation.progress")
+
+    async def _completed(self, reports: list[JobStatus], outbox: Outbox) -> None:
+        for report in reports:
+            if not report.image_key:
+                log.error("status.completed_without_image", generation_id=str(report.generation_id))
+        reports = [r for r in reports if r.image_key]
+        # Kept set until the thumbnail is attached: the reconciler asks again after it.
+        due = lifecycle.due_in(self.thumbnail_grace)
+        changes = [
+            Change(
+                r.generation_id,
+                r.attempt,
+                {
+                    "image_key": r.image_key,
+                    "image_content_type": r.content_type,
+                    "next_check_at": due,
+                },
+                _source(r),
+            )
+            for r in reports
+        ]
+        rows = await lifecycle.transition_many(self.rt.pool, Status.COMPLETED, changes)
+        won = {row["id"] for row in rows}
+        await self._discard_unused_images([r for r in reports if r.generation_id not in won])
+        if not rows:
             return
-        row = await lifecycle.record_progress(
-            self.rt.pool,
-            msg.generation_id,
-            attempt=msg.attempt,
-            progress=msg.progress,
-            next_check_at=lifecycle.due_in(self.check_after),
-        )
-        if row is not None:
-            await notify(self.rt.publisher, row, "generation.progress")
+        await self._observe_durations(rows)
+        await self._clear_leftovers(rows)
+        for row in rows:
+            log.info("generation.completed", generation_id=str(row["id"]), attempt=row["attempt"])
+            outbox.send(
+                self.rt.settings.keys.thumbnails,
+                ThumbnailRequested(
+                    generation_id=row["id"],
+                    attempt=row["attempt"],
+                    user_id=row["user_id"],
+                    image_key=row["image_key"],
+                ),
+                # Not lost if it fails: the row keeps next_check_at and the reconciler
+                # asks for the thumbnail after the grace period.
+                required=False,
+            )
+            outbox.notify(row, "generation.completed")
 
-    async def _completed(self, msg: JobStatus) -> None:
-        if not msg.image_key:
-            log.error("status.completed_without_image")
-            return
-        row = await lifecycle.transition(
-            self.rt.pool,
-            msg.generation_id,
-            attempt=msg.attempt,
-            to=Status.COMPLETED,
-            image_key=msg.image_key,
-            image_content_type=msg.content_type,
-            # Kept set until the thumbnail is attached: the reconciler asks again after it.
-            next_check_at=lifecycle.due_in(timedelta(seconds=self.rt.settings.thumbnail_grace_s)),
-            detail={"source": msg.source} if msg.source else None,
-        )
-        if row is None:
-            await self._discard_unused_image(msg)
-            return
-        log.info("generation.completed")
-        await self._observe_duration(row)
-        prefix = generation_prefix(row["user_id"], row["id"])
+    async def _clear_leftovers(self, rows: list[asyncpg.Record]) -> None:
+        storage = self.rt.storage
+        prefixes = [generation_prefix(row["user_id"], row["id"]) for row in rows]
         # A worker killed mid-write leaves a partial file; the winning report clears it.
         # Any other writer of this generation is stale: its rename simply fails.
-        partials = await self.rt.storage.discard_partials(prefix)
+        partials = await storage.discard_partials(*prefixes)
+        if partials:
+            log.info("status.partials_deleted", count=partials)
         # Earlier attempts may have stored images whose reports never arrived.
-        stale = (
-            await sweep(self.rt.storage, prefix, keep={msg.image_key}) if row["attempt"] > 1 else []
-        )
-        if stale or partials:
-            log.info("status.stale_objects_deleted", count=len(stale), partials=partials)
-        await self.rt.publisher.send(
-            self.rt.settings.keys.thumbnails,
-            ThumbnailRequested(
-                generation_id=row["id"],
-                attempt=row["attempt"],
-                user_id=row["user_id"],
-                image_key=msg.image_key,
-            ),
-        )
-        await notify(self.rt.publisher, row, "generation.completed")
+        for row, prefix in zip(rows, prefixes, strict=True):
+            if row["attempt"] > 1:
+                stale = await sweep(storage, prefix, keep={row["image_key"]})
+                if stale:
+                    log.info(
+                        "status.stale_objects_deleted",
+                        generation_id=str(row["id"]),
+                        count=len(stale),
+                    )
 
-    async def _observe_duration(self, row: asyncpg.Record) -> None:
-        """Submit -> completed of the winning attempt, per provider."""
-        submitted_at = await self.rt.pool.fetchval(
-            """SELECT created_at FROM generation_events
-                WHERE generation_id = $1 AND attempt = $2 AND status = 'submitted'
-                ORDER BY id DESC LIMIT 1""",
-            row["id"],
-            row["attempt"],
+    async def _observe_durations(self, rows: list[asyncpg.Record]) -> None:
+        submitted = await self.rt.pool.fetch(
+            _SUBMITTED_AT, [r["id"] for r in rows], [r["attempt"] for r in rows]
         )
-        if submitted_at is not None and row["completed_at"] is not None:
-            seconds = (row["completed_at"] - submitted_at).total_seconds()
-            metrics.GENERATION_DURATION.labels(row["provider"]).observe(max(seconds, 0.0))
+        submitted_at = {s["generation_id"]: s["created_at"] for s in submitted}
+        for row in rows:
+            start = submitted_at.get(row["id"])
+            if start is not None and row["completed_at"] is not None:
+                seconds = (row["completed_at"] - start).total_seconds()
+                metrics.GENERATION_DURATION.labels(row["provider"]).observe(max(seconds, 0.0))
 
-    async def _discard_unused_image(self, msg: JobStatus) -> None:
-        current = await self.rt.pool.fetchval(
-            "SELECT image_key FROM generations WHERE id = $1", msg.generation_id
-        )
-        if current != msg.image_key:
-            assert msg.image_key is not None
-            await self.rt.storage.delete(msg.image_key)
-            log.info("status.stale_image_deleted", image_key=msg.image_key)
+    async def _discard_unused_images(self, refused: list[JobStatus]) -> None:
+        """Refused ``completed`` reports: delete their image unless it is the one kept."""
+        if not refused:
+            return
+        current = {
+            r["id"]: r["image_key"]
+            for r in await self.rt.pool.fetch(
+                "SELECT id, image_key FROM generations WHERE id = ANY($1::uuid[])",
+                [r.generation_id for r in refused],
+            )
+        }
+        for report in refused:
+            if current.get(report.generation_id) != report.image_key:
+                assert report.image_key is not None
+                await self.rt.storage.delete(report.image_key)
+                log.info(
+                    "status.stale_image_deleted",
+                    generation_id=str(report.generation_id),
+                    image_key=report.image_key,
+                )
 
-    async def _failed(self, msg: JobStatus) -> None:
-        pool = self.rt.pool
-        code = msg.error_code or "generation_failed"
-        message = msg.error_message or "the provider reported a failure"
-        if msg.retryable and msg.attempt < self.rt.settings.max_attempts:
+    async def _failed(self, report: JobStatus, outbox: Outbox) -> None:
+        """Failures are rare and each may start a new attempt: one at a time."""
+        pool, gid = self.rt.pool, report.generation_id
+        code = report.error_code or "generation_failed"
+        message = report.error_message or "the provider reported a failure"
+        if report.retryable and report.attempt < self.rt.settings.max_attempts:
             row = await lifecycle.retry(
                 pool,
-                msg.generation_id,
-                attempt=msg.attempt,
+                gid,
+                attempt=report.attempt,
                 allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
                 detail={"error_code": code, "error_message": message},
                 # Waits out its backoff as a queued row; the reconciler publishes it.
-                next_check_at=next_attempt_due(msg.attempt, self.rt.settings),
+                next_check_at=next_attempt_due(report.attempt, self.rt.settings),
             )
             if row is not None:
-                await notify(self.rt.publisher, row, "generation.queued")
+                outbox.notify(row, "generation.queued")
                 return
         row = await lifecycle.transition(
             pool,
-            msg.generation_id,
-            attempt=msg.attempt,
+            gid,
+            attempt=report.attempt,
             to=Status.FAILED,
             error_code=code,
             error_message=message,
         )
         if row is not None:
-            log.info("generation.failed", error_code=code)
+            log.info("generation.failed", generation_id=str(gid), error_code=code)
             await clear_generation(self.rt.storage, row["user_id"], row["id"])
-            await notify(self.rt.publisher, row, "generation.failed")
+            outbox.notify(row, "generation.failed")

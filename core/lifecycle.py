@@ -17,7 +17,9 @@ transition and its history row are written by one statement.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -48,21 +50,20 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset({Status.SUBMITTED, Status.PROCESSING, Status.FAILED}),
 }
 
-# Columns a transition may set besides status. Names come from code, never from input.
-_SETTABLE = frozenset(
-    {
-        "provider",
-        "provider_job_id",
-        "flag_rule",
-        "error_code",
-        "error_message",
-        "image_key",
-        "image_content_type",
-        "progress",
-        "next_check_at",
-        "deadline_at",
-    }
-)
+# Columns a transition may set besides status, with their SQL types (for the arrays of
+# a batch). Names come from code, never from input.
+_SETTABLE: Mapping[str, str] = {
+    "provider": "text",
+    "provider_job_id": "text",
+    "flag_rule": "text",
+    "error_code": "text",
+    "error_message": "text",
+    "image_key": "text",
+    "image_content_type": "text",
+    "progress": "float8",
+    "next_check_at": "timestamptz",
+    "deadline_at": "timestamptz",
+}
 
 
 def due_in(delta: timedelta) -> datetime:
@@ -78,19 +79,25 @@ def _sorted_statuses(statuses: frozenset[Status]) -> list[str]:
     return sorted(s.value for s in statuses)
 
 
-def _transition_sql(to: Status, columns: tuple[str, ...], bump_attempt: bool) -> str:
+def _sets(to: Status, values: Mapping[str, str], bump_attempt: bool) -> str:
+    """The SET list of a transition: status, then each column from its value expression."""
     sets = ["status = $3", "updated_at = now()"]
-    sets += [f"{name} = ${i}" for i, name in enumerate(columns, start=6)]
+    sets += [f"{name} = {value}" for name, value in values.items()]
     if to is Status.COMPLETED:
         sets.append("completed_at = now()")
         sets.append("progress = 1.0")
-    if to in TERMINAL and "next_check_at" not in columns:
+    if to in TERMINAL and "next_check_at" not in values:
         sets.append("next_check_at = NULL")
     if bump_attempt:
         sets.append("attempt = attempt + 1")
+    return ", ".join(sets)
+
+
+def _transition_sql(to: Status, columns: tuple[str, ...], bump_attempt: bool) -> str:
+    values = {name: f"${i}" for i, name in enumerate(columns, start=6)}
     return f"""
         WITH upd AS (
-            UPDATE generations SET {", ".join(sets)}
+            UPDATE generations SET {_sets(to, values, bump_attempt)}
              WHERE id = $1 AND attempt = $2 AND status = ANY($4::text[])
          RETURNING *
         ), hist AS (
@@ -163,28 +170,101 @@ async def _run(
         *(fields[c] for c in columns),
     )
     if row is not None and to in TERMINAL:
-        from core import metrics  # metrics reads this module's statuses: import late
-
-        metrics.GENERATIONS_FINISHED.labels(to.value, row["provider"]).inc()
+        _count_finished(to, [row])
     return row
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One generation's part in a batch transition (``transition_many``)."""
+
+    generation_id: UUID
+    attempt: int
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] | None = None
+
+
+def _batch_sql(to: Status, columns: tuple[str, ...]) -> str:
+    # Every array has one element per change; unnest zips them into input rows.
+    arrays = ["$1::uuid[]", "$2::int[]", "$5::text[]"]
+    arrays += [f"${i}::{_SETTABLE[name]}[]" for i, name in enumerate(columns, start=6)]
+    names = ", ".join(["id", "attempt", "detail", *columns])
+    values = {name: f"i.{name}" for name in columns}
+    return f"""
+        WITH i AS (
+            SELECT * FROM unnest({", ".join(arrays)}) AS i({names})
+        ), upd AS (
+            UPDATE generations g SET {_sets(to, values, False)}
+              FROM i
+             WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = ANY($4::text[])
+         RETURNING g.*
+        ), hist AS (
+            INSERT INTO generation_events (generation_id, attempt, status, detail)
+            SELECT upd.id, upd.attempt, upd.status, i.detail::jsonb FROM upd JOIN i USING (id)
+        )
+        SELECT * FROM upd
+    """
+
+
+async def transition_many(
+    conn: asyncpg.Connection | asyncpg.Pool, to: Status, changes: Sequence[Change]
+) -> list[asyncpg.Record]:
+    """``transition`` for many generations in one statement: the same CAS and history
+    row for each, and the rows that moved (in no particular order) are returned.
+
+    All changes must set the same columns, and name each generation at most once: a
+    generation with two changes in a batch needs two calls, in order.
+    """
+    if to is Status.QUEUED:
+        raise ValueError("use retry() to start a new attempt")
+    if not changes:
+        return []
+    columns = tuple(sorted(changes[0].fields))
+    unknown = set(columns) - _SETTABLE.keys()
+    if unknown:
+        raise ValueError(f"not settable by a transition: {sorted(unknown)}")
+    if any(tuple(sorted(c.fields)) != columns for c in changes):
+        raise ValueError("every change of a batch must set the same columns")
+    if len({c.generation_id for c in changes}) != len(changes):
+        raise ValueError("a batch names a generation twice")
+    rows = await conn.fetch(
+        _batch_sql(to, columns),
+        [c.generation_id for c in changes],
+        [c.attempt for c in changes],
+        to.value,
+        _sorted_statuses(TRANSITIONS[to]),
+        [json.dumps(dict(c.detail)) if c.detail else None for c in changes],
+        *([c.fields[name] for c in changes] for name in columns),
+    )
+    if to in TERMINAL:
+        _count_finished(to, rows)
+    return rows
+
+
+def _count_finished(to: Status, rows: Sequence[asyncpg.Record]) -> None:
+    from core import metrics  # metrics reads this module's statuses: import late
+
+    for row in rows:
+        metrics.GENERATIONS_FINISHED.labels(to.value, row["provider"]).inc()
+
+
 async def record_progress(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    generation_id: UUID,
-    *,
-    attempt: int,
-    progress: float,
-    next_check_at: datetime,
-) -> asyncpg.Record | None:
-    """Progress is not a status change: no history row, and only while processing."""
-    return await conn.fetchrow(
-        """UPDATE generations SET progress = $3, next_check_at = $4, updated_at = now()
-            WHERE id = $1 AND attempt = $2 AND status = 'processing'
-              AND (progress IS NULL OR progress < $3)
-        RETURNING *""",
-        generation_id,
-        attempt,
-        progress,
-        next_check_at,
+    conn: asyncpg.Connection | asyncpg.Pool, changes: Sequence[Change]
+) -> list[asyncpg.Record]:
+    """Progress is not a status change: no history row, only while processing, and
+    never backwards. Each change sets ``progress`` and ``next_check_at``."""
+    if not changes:
+        return []
+    return await conn.fetch(
+        """UPDATE generations g
+              SET progress = i.progress, next_check_at = i.next_check_at, updated_at = now()
+             FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::timestamptz[])
+                  AS i(id, attempt, progress, next_check_at)
+            WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = 'processing'
+              AND (g.progress IS NULL OR g.progress < i.progress)
+        RETURNING g.*""",
+        [c.generation_id for c in changes],
+        [c.attempt for c in changes],
+        [c.fields["progress"] for c in changes],
+        [c.fields["next_check_at"] for c in changes],
     )

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from redis.exceptions import NoScriptError, ResponseError
 
-from core.events import DATA_FIELD, UserEvent, UserEventType
+from core.events import DATA_FIELD, Message, UserEvent, UserEventType
 from core.generations import resource
 from core.keys import Keys
 from core.logging import get_logger
@@ -45,16 +46,33 @@ REPLAY_TTL_S = 3600
 StreamId = tuple[int, int]
 _ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
-# XADD + PEXPIRE + PUBLISH atomically: a subscriber that saw the PUBLISH can find the
-# entry, and one that reads the log after subscribing misses nothing in between. The
-# payload is a JSON object; the id is spliced in before its closing brace.
-_NOTIFY_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[2], string.sub(ARGV[1], 1, -2) .. ',"id":"' .. id .. '"}')
-return id
+# One batch of stream messages and notices, applied in order by one script call.
+# KEYS: one stream per item. ARGV: the messages' MAXLEN, the replay log's MAXLEN, the
+# data field, the replay TTL in ms, then per item either 'm', payload (a message) or
+# 'n', channel, payload (a notice). A notice is XADD + PEXPIRE + PUBLISH atomically: a
+# subscriber that saw the PUBLISH can find the entry, and one that reads the log after
+# subscribing misses nothing in between. Its payload is a JSON object; the entry id is
+# spliced in before its closing brace. Returns the notices' ids, in order.
+_OUTBOX_LUA = """
+local m_maxlen, n_maxlen, field, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ids = {}
+local a = 5
+for _, key in ipairs(KEYS) do
+  if ARGV[a] == 'm' then
+    redis.call('XADD', key, 'MAXLEN', '~', m_maxlen, '*', field, ARGV[a + 1])
+    a = a + 2
+  else
+    local payload = ARGV[a + 2]
+    local id = redis.call('XADD', key, 'MAXLEN', '~', n_maxlen, '*', field, payload)
+    redis.call('PEXPIRE', key, ttl)
+    redis.call('PUBLISH', ARGV[a + 1], string.sub(payload, 1, -2) .. ',"id":"' .. id .. '"}')
+    ids[#ids + 1] = id
+    a = a + 3
+  end
+end
+return ids
 """
-_NOTIFY_SHA = hashlib.sha1(_NOTIFY_LUA.encode()).hexdigest()
+_OUTBOX_SHA = hashlib.sha1(_OUTBOX_LUA.encode()).hexdigest()
 
 
 def parse_id(raw: str | bytes) -> StreamId | None:
@@ -70,20 +88,9 @@ def format_id(sid: StreamId) -> str:
 
 async def publish_user_event(redis: SharedRedis, keys: Keys, user_id: Any, event: UserEvent) -> str:
     """Log and publish one notice; returns its id."""
-    payload = event.model_dump_json()
-    args = (
-        payload,
-        keys.user_channel(user_id),
-        REPLAY_MAXLEN,
-        DATA_FIELD,
-        REPLAY_TTL_S * 1000,
-    )
-    key = keys.user_events(user_id)
-    try:
-        entry_id = await redis.evalsha(_NOTIFY_SHA, 1, key, *args)
-    except NoScriptError:  # first call since the server started (or SCRIPT FLUSH)
-        entry_id = await redis.eval(_NOTIFY_LUA, 1, key, *args)
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    items: list[str | bytes] = [b"n", keys.user_channel(user_id), event.model_dump_json()]
+    ids = await _run_outbox(redis, [keys.user_events(user_id)], items, maxlen=0)
+    return ids[0]
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,81 @@ async def read_replay(
     return Replay(entries, tip, first, trimmed, now_ms)
 
 
+def notice(row: asyncpg.Record, event_type: UserEventType) -> UserEvent:
+    return UserEvent(type=event_type, generation=resource(row))
+
+
 async def notify(publisher: Publisher, row: asyncpg.Record, event_type: UserEventType) -> None:
     # Best effort: clients that miss a notice catch up by reading the resource.
     try:
-        await publisher.notify(row["user_id"], UserEvent(type=event_type, generation=resource(row)))
+        await publisher.notify(row["user_id"], notice(row, event_type))
     except Exception as exc:
         log.warning("notify.failed", generation_id=str(row["id"]), error=repr(exc))
+
+
+async def notify_many(
+    publisher: Publisher, notices: Iterable[tuple[asyncpg.Record, UserEventType]]
+) -> None:
+    """Many notices in one pipeline (one round trip); best effort like ``notify``."""
+    outbox = Outbox(publisher)
+    for row, event_type in notices:
+        outbox.notify(row, event_type)
+    await outbox.flush()
+
+
+class Outbox:
+    """Stream messages and notices gathered while handling a batch, sent with one script
+    call (one round trip, applied atomically), in the order they were added.
+
+    Notices are best effort: if the call fails they are logged. Messages make ``flush``
+    raise, unless every one of them is recovered elsewhere (``required=False``).
+    """
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self._clear()
+
+    def _clear(self) -> None:
+        self._keys: list[str] = []
+        self._items: list[str | bytes] = []
+        self._required = False
+        self._notices = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def notify(self, row: asyncpg.Record, event_type: UserEventType) -> None:
+        keys, user_id = self.publisher.keys, row["user_id"]
+        self._keys.append(keys.user_events(user_id))
+        self._items += [b"n", keys.user_channel(user_id), notice(row, event_type).model_dump_json()]
+        self._notices += 1
+
+    def send(self, stream: str, message: Message, *, required: bool = True) -> None:
+        self._keys.append(stream)
+        self._items += [b"m", message.model_dump_json()]
+        self._required = self._required or required
+
+    async def flush(self) -> None:
+        if not self._keys:
+            return
+        keys, items, required, notices = self._keys, self._items, self._required, self._notices
+        self._clear()
+        try:
+            await _run_outbox(self.publisher.redis, keys, items, maxlen=self.publisher.maxlen)
+        except Exception as exc:
+            if notices:
+                log.warning("notify.failed", count=notices, error=repr(exc))
+            if required:
+                raise
+            log.warning("outbox.send_failed", count=len(keys) - notices, error=repr(exc))
+
+
+async def _run_outbox(
+    redis: SharedRedis, keys: Sequence[str], items: Sequence[str | bytes], *, maxlen: int
+) -> list[str]:
+    args = (maxlen, REPLAY_MAXLEN, DATA_FIELD, REPLAY_TTL_S * 1000, *items)
+    try:
+        ids = await redis.evalsha(_OUTBOX_SHA, len(keys), *keys, *args)
+    except NoScriptError:  # first call since the server started (or SCRIPT FLUSH)
+        ids = await redis.eval(_OUTBOX_LUA, len(keys), *keys, *args)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]

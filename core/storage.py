@@ -48,8 +48,8 @@ class Storage(Protocol):
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key starting with `prefix` (plain string prefix), sorted."""
 
-    async def discard_partials(self, prefix: str) -> int:
-        """Delete half-written objects under ``prefix`` (a writer killed mid-put);
+    async def discard_partials(self, *prefixes: str) -> int:
+        """Delete half-written objects under each prefix (a writer killed mid-put);
         returns how many. Backends whose puts are atomic have none."""
 
     async def presigned_url(self, key: str, expires_s: int) -> str | None:
@@ -209,23 +209,24 @@ class LocalStorage:
 
         return await asyncio.to_thread(walk)
 
-    async def discard_partials(self, prefix: str) -> int:
-        _validate_prefix(prefix)
-        base = self.root / prefix.rpartition("/")[0]
+    async def discard_partials(self, *prefixes: str) -> int:
+        bases = [self.root / _validate_prefix(p).rpartition("/")[0] for p in prefixes]
 
         def remove() -> int:
-            if not base.resolve().is_relative_to(self.root):
-                return 0
             removed = 0
-            for dirpath, _dirs, files in os.walk(base):
-                for name in files:
-                    if name.startswith(_TMP_PREFIX):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(dirpath, name))
-                            removed += 1
+            for base in bases:
+                if not base.resolve().is_relative_to(self.root):
+                    continue
+                for dirpath, _dirs, files in os.walk(base):
+                    for name in files:
+                        if name.startswith(_TMP_PREFIX):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(os.path.join(dirpath, name))
+                                removed += 1
             return removed
 
-        return await asyncio.to_thread(remove)
+        # Many prefixes, one thread hop: the status consumer clears a whole batch at once.
+        return await asyncio.to_thread(remove) if bases else 0
 
     async def presigned_url(self, key: str, expires_s: int) -> str | None:
         validate_key(key)
@@ -343,8 +344,9 @@ class S3Storage:
             keys.extend(str(item["Key"]) for item in page.get("Contents", []))
         return sorted(keys)
 
-    async def discard_partials(self, prefix: str) -> int:
-        _validate_prefix(prefix)
+    async def discard_partials(self, *prefixes: str) -> int:
+        for prefix in prefixes:
+            _validate_prefix(prefix)
         return 0  # an S3 PUT is atomic: there is no half-written object
 
     async def presigned_url(self, key: str, expires_s: int) -> str | None:

@@ -114,17 +114,25 @@ class ConsumerConfig:
 
 
 Handler = Callable[[M], Awaitable[None]]
+BatchHandler = Callable[[Sequence[M]], Awaitable[None]]
 
 
 @dataclass
 class StreamConsumer(Generic[M]):
-    """Reads a stream as one member of a consumer group and runs ``handler`` per message."""
+    """Reads a stream as one member of a consumer group and runs ``handler`` per message.
+
+    With a ``batch_handler``, a whole read (up to ``batch`` messages, in stream order) is
+    handed to it in one call, so it can apply them with one statement and one pipeline.
+    If that call raises, each message is run again alone through ``handler``, so one bad
+    message fails only itself; handlers are idempotent, so the re-run is harmless.
+    """
 
     reader: DedicatedRedis
     ops: SharedRedis
     config: ConsumerConfig
     schema: type[M]
     handler: Handler[M]
+    batch_handler: BatchHandler[M] | None = None
     _last_error: dict[bytes, str] = field(default_factory=dict)
     _series: StreamSeries = field(init=False, repr=False)
 
@@ -209,15 +217,20 @@ class StreamConsumer(Generic[M]):
         cfg = self.config
         sem = asyncio.Semaphore(cfg.concurrency)
         done: list[bytes] = []
-
-        async def one(entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        messages: list[tuple[bytes, M]] = []
+        for entry_id, fields in entries:
             raw = (fields or {}).get(DATA_FIELD, b"")
             try:
-                message = self.schema.model_validate_json(raw)
+                messages.append((entry_id, self.schema.model_validate_json(raw)))
             except ValidationError as exc:
                 # Poison: no retry can fix it.
                 await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
-                return
+        batch = self.batch_handler
+        if batch is not None and len(messages) > 1 and await self._run_batch(batch, messages):
+            await self._ack([entry_id for entry_id, _ in messages])
+            return
+
+        async def one(entry_id: bytes, message: M) -> None:
             async with sem:
                 self._series.consumed.inc()
                 started = time.perf_counter()
@@ -240,10 +253,30 @@ class StreamConsumer(Generic[M]):
             self._last_error.pop(entry_id, None)
             done.append(entry_id)
 
-        await asyncio.gather(*(one(entry_id, fields) for entry_id, fields in entries))
-        if done:
-            await self.ops.xack(cfg.stream, cfg.group, *done)
-            self._series.acked.inc(len(done))
+        await asyncio.gather(*(one(entry_id, message) for entry_id, message in messages))
+        await self._ack(done)
+
+    async def _run_batch(self, handler: BatchHandler[M], messages: list[tuple[bytes, M]]) -> bool:
+        """The whole batch in one call; False (logged) when it raised."""
+        started = time.perf_counter()
+        try:
+            await handler([message for _, message in messages])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("consumer.batch_failed", stream=self.config.stream, count=len(messages))
+            return False
+        finally:
+            self._series.handler_duration.observe(time.perf_counter() - started)
+        self._series.consumed.inc(len(messages))
+        for entry_id, _ in messages:
+            self._last_error.pop(entry_id, None)
+        return True
+
+    async def _ack(self, entry_ids: list[bytes]) -> None:
+        if entry_ids:
+            await self.ops.xack(self.config.stream, self.config.group, *entry_ids)
+            self._series.acked.inc(len(entry_ids))
 
     async def reclaim(self) -> None:
         """Claim entries whose consumer died or failed; dead-letter the hopeless ones."""

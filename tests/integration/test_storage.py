@@ -18,6 +18,7 @@ from core.storage import (
     ObjectNotFound,
     S3Storage,
     Storage,
+    generation_prefix,
     original_key,
     thumbnail_key,
     validate_key,
@@ -328,3 +329,17 @@ async def test_discard_partials_removes_only_half_written_files(storage: Storage
     assert await storage.get(key) == b"whole"
     if isinstance(storage, LocalStorage):
         assert not (storage.root / prefix / ".tmp-killed").exists()
+
+
+async def test_discard_partials_clears_every_prefix_named_and_no_other(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    owner = uuid.uuid4()
+    gens = [uuid.uuid4() for _ in range(3)]
+    for gid in gens:
+        await storage.put(original_key(owner, gid, 1, "png"), b"whole", "image/png")
+        (tmp_path / generation_prefix(owner, gid) / "1" / ".tmp-killed").write_bytes(b"half")
+    named = [generation_prefix(owner, gid) for gid in gens[:2]]
+    assert await storage.discard_partials(*named) == 2
+    assert await storage.discard_partials() == 0
+    partials = [tmp_path / generation_prefix(owner, gid) / "1" / ".tmp-killed" for gid in gens]
+    assert [p.exists() for p in partials] == [False, False, True]

@@ -1,0 +1,232 @@
+"""Status reports applied a batch at a time: the same outcomes as one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+
+from consumers.status import StatusProcessor, rounds
+from core import lifecycle
+from core.events import DATA_FIELD, JobStatus, UserEvent
+from core.lifecycle import Change, Status
+from core.runtime import Runtime
+from core.storage import original_key
+from core.streams import StreamConsumer, dedicated_client, encode
+from tests.conftest import UserAuth
+
+
+async def _submitted(rt: Runtime, user: UserAuth, n: int) -> list[uuid.UUID]:
+    ids: list[uuid.UUID] = [
+        r["id"]
+        for r in await rt.pool.fetch(
+            """INSERT INTO generations (id, user_id, status, provider, prompt, width, height, seed)
+               SELECT gen_random_uuid(), $1, 'submitted', 'local', 'p', 64, 64, i
+                 FROM generate_series(1, $2::int) AS i RETURNING id""",
+            user.user_id,
+            n,
+        )
+    ]
+    return ids
+
+
+def _completed(user: UserAuth, gid: uuid.UUID, attempt: int = 1) -> JobStatus:
+    return JobStatus(
+        generation_id=gid,
+        attempt=attempt,
+        state="completed",
+        image_key=original_key(user.user_id, gid, attempt, "png"),
+        content_type="image/png",
+        source="w1",
+    )
+
+
+def _processing(gid: uuid.UUID, attempt: int = 1) -> JobStatus:
+    return JobStatus(generation_id=gid, attempt=attempt, state="processing", source="w1")
+
+
+async def _notices(rt: Runtime, user: UserAuth) -> list[tuple[str, str]]:
+    """(generation id, event type) of the user's replay log, oldest first."""
+    entries = await rt.redis.xrange(rt.settings.keys.user_events(user.user_id))
+    out = []
+    for _, fields in entries:
+        event = UserEvent.model_validate_json(fields[DATA_FIELD])
+        out.append((str(event.generation["id"]), event.type))
+    return out
+
+
+def test_rounds_name_each_generation_once_and_keep_its_order() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    reports = [_processing(a), _processing(b), _processing(a, 2), _processing(a, 3)]
+    assert [[(r.generation_id, r.attempt) for r in rnd] for rnd in rounds(reports)] == [
+        [(a, 1), (b, 1)],
+        [(a, 2)],
+        [(a, 3)],
+    ]
+
+
+async def test_transition_many_moves_only_rows_whose_status_and_attempt_match(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    ids = await _submitted(rt, alice, 3)
+    fresh, stale, done = ids
+    await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", stale)
+    await rt.pool.execute("UPDATE generations SET status = 'completed' WHERE id = $1", done)
+    due = lifecycle.due_in(timedelta(minutes=1))
+    changes = [Change(g, 1, {"next_check_at": due}, {"source": "w1"}) for g in ids]
+    rows = await lifecycle.transition_many(rt.pool, Status.PROCESSING, changes)
+    assert [r["id"] for r in rows] == [fresh]
+    statuses = {
+        r["id"]: (r["status"], r["next_check_at"])
+        for r in await rt.pool.fetch("SELECT * FROM generations WHERE id = ANY($1::uuid[])", ids)
+    }
+    assert statuses[fresh] == ("processing", due)
+    assert statuses[stale][0] == "submitted" and statuses[done][0] == "completed"
+    history = await rt.pool.fetch(
+        "SELECT generation_id, attempt, status, detail FROM generation_events"
+    )
+    assert [dict(h) for h in history] == [
+        {"generation_id": fresh, "attempt": 1, "status": "processing", "detail": {"source": "w1"}}
+    ]
+
+
+async def test_transition_many_refuses_a_batch_it_cannot_apply_in_one_statement(
+    rt: Runtime,
+) -> None:
+    gid = uuid.uuid4()
+    with pytest.raises(ValueError, match="twice"):
+        await lifecycle.transition_many(
+            rt.pool, Status.PROCESSING, [Change(gid, 1), Change(gid, 1)]
+        )
+    with pytest.raises(ValueError, match="same columns"):
+        await lifecycle.transition_many(
+            rt.pool,
+            Status.FAILED,
+            [Change(gid, 1, {"error_code": "x"}), Change(uuid.uuid4(), 1)],
+        )
+    with pytest.raises(ValueError, match="not settable"):
+        await lifecycle.transition_many(rt.pool, Status.FAILED, [Change(gid, 1, {"status": "x"})])
+
+
+async def test_a_batch_applies_each_generations_reports_in_order(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """Processing + completed of the same generations in one batch, a duplicate, a stale
+    attempt, progress and a failure: every row ends where one-at-a-time would put it."""
+    ids = await _submitted(rt, alice, 5)
+    ok1, ok2, stale, progressing, failing = ids
+    await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", stale)
+    for gid in (ok1, ok2):
+        await rt.storage.put(original_key(alice.user_id, gid, 1, "png"), b"png", "image/png")
+    stale_key = original_key(alice.user_id, stale, 1, "png")
+    await rt.storage.put(stale_key, b"old", "image/png")
+    batch = [
+        _processing(ok1),
+        _processing(ok2),
+        _processing(progressing),
+        _completed(alice, ok1),
+        _completed(alice, ok1),  # duplicate
+        _completed(alice, stale),  # attempt 1, the row is on attempt 2
+        JobStatus(generation_id=progressing, attempt=1, state="progress", progress=0.5),
+        JobStatus(generation_id=progressing, attempt=1, state="progress", progress=0.25),
+        _completed(alice, ok2),
+        JobStatus(
+            generation_id=failing, attempt=1, state="failed", error_code="nsfw", error_message="x"
+        ),
+    ]
+    await StatusProcessor(rt).handle_batch(batch)
+
+    rows = {
+        r["id"]: r
+        for r in await rt.pool.fetch("SELECT * FROM generations WHERE id = ANY($1::uuid[])", ids)
+    }
+    assert {g: rows[g]["status"] for g in ids} == {
+        ok1: "completed",
+        ok2: "completed",
+        stale: "submitted",
+        progressing: "processing",
+        failing: "failed",
+    }
+    assert rows[progressing]["progress"] == 0.5  # never backwards
+    assert rows[failing]["error_code"] == "nsfw"
+    assert rows[ok1]["image_key"] == original_key(alice.user_id, ok1, 1, "png")
+    assert not await rt.storage.exists(stale_key), "a refused image is deleted"
+
+    history = await rt.pool.fetch("SELECT generation_id, status FROM generation_events ORDER BY id")
+    per_gen: dict[uuid.UUID, list[str]] = {}
+    for h in history:
+        per_gen.setdefault(h["generation_id"], []).append(h["status"])
+    assert per_gen == {
+        ok1: ["processing", "completed"],
+        ok2: ["processing", "completed"],
+        progressing: ["processing"],
+        failing: ["failed"],
+    }
+
+    thumbs = await rt.redis.xrange(rt.settings.keys.thumbnails)
+    requested = sorted(json.loads(f[DATA_FIELD])["generation_id"] for _, f in thumbs)
+    assert requested == sorted([str(ok1), str(ok2)])
+
+    notices = await _notices(rt, alice)
+    assert notices.index((str(ok1), "generation.processing")) < notices.index(
+        (str(ok1), "generation.completed")
+    )
+    assert sorted(notices) == sorted(
+        [
+            (str(ok1), "generation.processing"),
+            (str(ok2), "generation.processing"),
+            (str(progressing), "generation.processing"),
+            (str(progressing), "generation.progress"),
+            (str(ok1), "generation.completed"),
+            (str(ok2), "generation.completed"),
+            (str(failing), "generation.failed"),
+        ]
+    )
+
+
+async def test_a_failing_batch_is_run_message_by_message(rt: Runtime) -> None:
+    """One bad message fails only itself: the batch handler raises, each message is run
+    alone, the good ones are acked and the bad one stays pending for a retry."""
+    stream, group = rt.settings.keys.job_status, "batch-test"
+    batches: list[int] = []
+    singles: list[str] = []
+
+    async def batch_handler(messages: Sequence[JobStatus]) -> None:
+        batches.append(len(messages))
+        raise RuntimeError("one of these is bad")
+
+    async def handler(message: JobStatus) -> None:
+        singles.append(message.source or "")
+        if message.source == "bad":
+            raise RuntimeError("bad")
+
+    for source in ("a", "bad", "c"):
+        fields = encode(
+            JobStatus(generation_id=uuid.uuid4(), attempt=1, state="processing", source=source)
+        )
+        await rt.redis.xadd(stream, fields)
+    consumer = StreamConsumer(
+        dedicated_client(rt.redis_url),
+        rt.redis,
+        rt.consumer_config(stream, group, "test"),
+        JobStatus,
+        handler,
+        batch_handler,
+    )
+    await consumer.ensure_group()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    for _ in range(200):
+        if len(singles) == 3:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await task
+    assert batches == [3]
+    assert sorted(singles) == ["a", "bad", "c"]
+    pending = await rt.redis.xpending(stream, group)
+    assert pending["pending"] == 1
