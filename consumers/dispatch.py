@@ -10,25 +10,31 @@ poll it even if every webhook is lost.
 Rate limits are taken before the claim: a request over its provider's limit stays
 ``queued`` with ``next_check_at`` at the end of its wait, and the reconciler
 publishes it again then. Nothing is dropped.
+
+Requests for queue providers (local workers, hosted runners) are dispatched a batch at
+a time: one statement claims them all, and their jobs and ``generation.submitted``
+notices go out with one script call. Requests for remote providers take the
+one-at-a-time path: each is an HTTP call under its rate limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
 
 from core import lifecycle, metrics
 from core.events import GenerationRequested
-from core.lifecycle import Status
+from core.lifecycle import Change, Status
 from core.logging import get_logger
-from core.notify import notify
+from core.notify import Outbox, notify
 from core.ratelimit import RateLimiter
 from core.runtime import Runtime
 from core.webhooks import webhook_secret, webhook_url
 from providers.base import Job, classify
-from providers.registry import ProviderSet, check_after
+from providers.registry import ProviderSet, QueueProvider, check_after
 
 # Waits longer than this give the slot back: the row is published again when due.
 MAX_INLINE_WAIT_S = 1.0
@@ -61,6 +67,54 @@ class Dispatcher:
         )
         log.info("dispatch.rate_limited", provider=provider, wait_s=wait_s)
         return True
+
+    async def handle_batch(
+        self, requests: Sequence[GenerationRequested]
+    ) -> list[GenerationRequested]:
+        """Claims and publishes the queue providers' requests in bulk; returns the
+        requests for other providers, which ``handle`` takes one at a time."""
+        rt = self.rt
+        queued = await rt.pool.fetch(
+            "SELECT id, attempt, provider FROM generations"
+            " WHERE id = ANY($1::uuid[]) AND status = 'queued'",
+            list({r.generation_id for r in requests}),
+        )
+        asked = {(r.generation_id, r.attempt) for r in requests}
+        # Not queued under the asked attempt: dispatched already, superseded or cancelled.
+        waiting = {
+            pair: row["provider"]
+            for row in queued
+            if (pair := (row["id"], row["attempt"])) in asked
+        }
+        queues = {
+            pair: p
+            for pair, p in waiting.items()
+            if isinstance(self.providers.dispatch.get(p), QueueProvider)
+        }
+        # A remote or unknown provider takes the careful path.
+        slow = waiting.keys() - queues.keys()
+        changes = [
+            Change(gid, attempt, {"next_check_at": lifecycle.due_in(check_after(rt.settings, p))})
+            for (gid, attempt), p in queues.items()
+        ]
+        claimed = await lifecycle.transition_many(rt.pool, Status.SUBMITTED, changes)
+        outbox = Outbox(rt.publisher)
+        for row in claimed:
+            provider = self.providers.dispatch[row["provider"]]
+            assert isinstance(provider, QueueProvider)
+            outbox.send(provider.stream, provider.message(Job.from_row(row)))
+            outbox.notify(row, "generation.submitted")
+        # A failure here leaves claimed rows without a job: the reconciler finds their
+        # queue empty after check_after and retries them, as after a crash.
+        await outbox.flush()
+        for row in claimed:
+            log.info(
+                "generation.dispatched",
+                generation_id=str(row["id"]),
+                attempt=row["attempt"],
+                provider=row["provider"],
+            )
+        return [r for r in requests if (r.generation_id, r.attempt) in slow]
 
     async def handle(self, msg: GenerationRequested) -> None:
         structlog.contextvars.bind_contextvars(

@@ -44,10 +44,12 @@ def consumer_loops(
     loops: dict[str, Loop] = {}
     for role in roles:
         spec: tuple[str, str, type[Any], Any, dict[str, Any]]
-        batch_handler: Any = None
+        handler: Any
+        batch_handler: Any = None  # where bulk handling pays: see StreamConsumer
         if role == "dispatch":
-            handler: Any = Dispatcher(rt, providers, limiter).handle
-            spec = (keys.requested, GROUP_DISPATCHERS, GenerationRequested, handler, {})
+            dispatcher = Dispatcher(rt, providers, limiter)
+            batch_handler = dispatcher.handle_batch
+            spec = (keys.requested, GROUP_DISPATCHERS, GenerationRequested, dispatcher.handle, {})
         elif role == "status":
             processor = StatusProcessor(rt)
             batch_handler = processor.handle_batch

@@ -71,7 +71,8 @@ class StatusProcessor:
     async def handle(self, report: JobStatus) -> None:
         await self.handle_batch([report])
 
-    async def handle_batch(self, reports: Sequence[JobStatus]) -> None:
+    async def handle_batch(self, reports: Sequence[JobStatus]) -> list[JobStatus]:
+        """Applies every report: none is left for one-at-a-time handling."""
         outbox = Outbox(self.rt.publisher)
         try:
             for batch in rounds(reports):
@@ -92,6 +93,7 @@ class StatusProcessor:
         finally:
             # What did move is told even if a later part of the batch failed.
             await outbox.flush()
+        return []
 
     async def _processing(self, reports: list[JobStatus], outbox: Outbox) -> None:
         due = lifecycle.due_in(self.check_after)

@@ -114,7 +114,8 @@ class ConsumerConfig:
 
 
 Handler = Callable[[M], Awaitable[None]]
-BatchHandler = Callable[[Sequence[M]], Awaitable[None]]
+# Applies what it can of a batch in bulk; returns the messages it leaves to ``Handler``.
+BatchHandler = Callable[[Sequence[M]], Awaitable[Sequence[M]]]
 
 
 @dataclass
@@ -122,9 +123,11 @@ class StreamConsumer(Generic[M]):
     """Reads a stream as one member of a consumer group and runs ``handler`` per message.
 
     With a ``batch_handler``, a whole read (up to ``batch`` messages, in stream order) is
-    handed to it in one call, so it can apply them with one statement and one pipeline.
-    If that call raises, each message is run again alone through ``handler``, so one bad
-    message fails only itself; handlers are idempotent, so the re-run is harmless.
+    handed to it in one call, so it can apply them with one statement and one pipeline;
+    the messages it returns (those that need the slow path) then run one at a time
+    through ``handler``. If the call raises, every message of the batch is run again
+    alone, so one bad message fails only itself; handlers are idempotent, so the re-run
+    is harmless.
     """
 
     reader: DedicatedRedis
@@ -226,9 +229,12 @@ class StreamConsumer(Generic[M]):
                 # Poison: no retry can fix it.
                 await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
         batch = self.batch_handler
-        if batch is not None and len(messages) > 1 and await self._run_batch(batch, messages):
-            await self._ack([entry_id for entry_id, _ in messages])
-            return
+        if batch is not None and len(messages) > 1:
+            left = await self._run_batch(batch, messages)
+            if left is not None:
+                left_ids = {entry_id for entry_id, _ in left}
+                await self._ack([entry_id for entry_id, _ in messages if entry_id not in left_ids])
+                messages = left
 
         async def one(entry_id: bytes, message: M) -> None:
             async with sem:
@@ -256,22 +262,29 @@ class StreamConsumer(Generic[M]):
         await asyncio.gather(*(one(entry_id, message) for entry_id, message in messages))
         await self._ack(done)
 
-    async def _run_batch(self, handler: BatchHandler[M], messages: list[tuple[bytes, M]]) -> bool:
-        """The whole batch in one call; False (logged) when it raised."""
+    async def _run_batch(
+        self, handler: BatchHandler[M], messages: list[tuple[bytes, M]]
+    ) -> list[tuple[bytes, M]] | None:
+        """The whole batch in one call: the entries it left for ``handler``, or None
+        (logged) when it raised."""
         started = time.perf_counter()
         try:
-            await handler([message for _, message in messages])
+            left = {id(message) for message in await handler([m for _, m in messages])}
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("consumer.batch_failed", stream=self.config.stream, count=len(messages))
-            return False
+            return None
         finally:
             self._series.handler_duration.observe(time.perf_counter() - started)
-        self._series.consumed.inc(len(messages))
-        for entry_id, _ in messages:
-            self._last_error.pop(entry_id, None)
-        return True
+        self._series.consumed.inc(len(messages) - len(left))
+        rest = []
+        for entry_id, message in messages:
+            if id(message) in left:
+                rest.append((entry_id, message))
+            else:
+                self._last_error.pop(entry_id, None)
+        return rest
 
     async def _ack(self, entry_ids: list[bytes]) -> None:
         if entry_ids:

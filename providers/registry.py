@@ -33,8 +33,14 @@ class QueueProvider:
         self.name = name
         self.publisher = publisher
 
-    async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
-        message = LocalJob(
+    @property
+    def stream(self) -> str:
+        return self.publisher.keys.jobs(self.name)
+
+    @staticmethod
+    def message(job: Job) -> LocalJob:
+        # The job is found by generation id and attempt, which the message carries.
+        return LocalJob(
             generation_id=job.generation_id,
             attempt=job.attempt,
             user_id=job.user_id,
@@ -45,8 +51,9 @@ class QueueProvider:
             seed=job.seed,
             deadline_at=job.deadline_at,
         )
-        # The job is found by generation id and attempt, which the message carries.
-        await self.publisher.send(self.publisher.keys.jobs(self.name), message)
+
+    async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
+        await self.publisher.send(self.stream, self.message(job))
         return Submission()
 
     async def cancel(self, job: Job) -> None:

@@ -195,7 +195,7 @@ async def test_a_failing_batch_is_run_message_by_message(rt: Runtime) -> None:
     batches: list[int] = []
     singles: list[str] = []
 
-    async def batch_handler(messages: Sequence[JobStatus]) -> None:
+    async def batch_handler(messages: Sequence[JobStatus]) -> list[JobStatus]:
         batches.append(len(messages))
         raise RuntimeError("one of these is bad")
 
