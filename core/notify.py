@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,27 +47,36 @@ StreamId = tuple[int, int]
 _ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
 # One batch of stream messages and notices, applied in order by one script call.
-# KEYS: one stream per item. ARGV: the messages' MAXLEN, the replay log's MAXLEN, the
-# data field, the replay TTL in ms, then per item either 'm', payload (a message) or
-# 'n', channel, payload (a notice). A notice is XADD + PEXPIRE + PUBLISH atomically: a
-# subscriber that saw the PUBLISH can find the entry, and one that reads the log after
-# subscribing misses nothing in between. Its payload is a JSON object; the entry id is
-# spliced in before its closing brace. Returns the notices' ids, in order.
+# ARGV: the messages' MAXLEN, the replay log's MAXLEN, the data field, the replay TTL in
+# ms, then the items as one string of NUL-separated fields: per item either
+# m, stream, payload (a message) or n, replay log, channel, payload (a notice). One
+# argument rather than one per field: redis-py packs each argument in Python, which
+# costs more than the whole script. (So the keys are not declared as KEYS: gengui runs
+# on one Redis, not a cluster.) JSON never holds a raw NUL, nor do our key names.
+# A notice is XADD + PEXPIRE + PUBLISH atomically: a subscriber that saw the PUBLISH
+# can find the entry, and one that reads the log after subscribing misses nothing in
+# between. Its payload is a JSON object; the entry id is spliced in before its closing
+# brace. Returns the notices' ids, in order.
 _OUTBOX_LUA = """
-local m_maxlen, n_maxlen, field, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local m_maxlen, n_maxlen, field, ttl, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local pos = 1
+local function nextfield()
+  local stop = string.find(data, '\\0', pos, true) or (#data + 1)
+  local value = string.sub(data, pos, stop - 1)
+  pos = stop + 1
+  return value
+end
 local ids = {}
-local a = 5
-for _, key in ipairs(KEYS) do
-  if ARGV[a] == 'm' then
-    redis.call('XADD', key, 'MAXLEN', '~', m_maxlen, '*', field, ARGV[a + 1])
-    a = a + 2
+while pos <= #data do
+  local kind, key = nextfield(), nextfield()
+  if kind == 'm' then
+    redis.call('XADD', key, 'MAXLEN', '~', m_maxlen, '*', field, nextfield())
   else
-    local payload = ARGV[a + 2]
+    local channel, payload = nextfield(), nextfield()
     local id = redis.call('XADD', key, 'MAXLEN', '~', n_maxlen, '*', field, payload)
     redis.call('PEXPIRE', key, ttl)
-    redis.call('PUBLISH', ARGV[a + 1], string.sub(payload, 1, -2) .. ',"id":"' .. id .. '"}')
+    redis.call('PUBLISH', channel, string.sub(payload, 1, -2) .. ',"id":"' .. id .. '"}')
     ids[#ids + 1] = id
-    a = a + 3
   end
 end
 return ids
@@ -88,8 +97,13 @@ def format_id(sid: StreamId) -> str:
 
 async def publish_user_event(redis: SharedRedis, keys: Keys, user_id: Any, event: UserEvent) -> str:
     """Log and publish one notice; returns its id."""
-    items: list[str | bytes] = [b"n", keys.user_channel(user_id), event.model_dump_json()]
-    ids = await _run_outbox(redis, [keys.user_events(user_id)], items, maxlen=0)
+    fields = [
+        b"n",
+        keys.user_events(user_id).encode(),
+        keys.user_channel(user_id).encode(),
+        event.model_dump_json().encode(),
+    ]
+    ids = await _run_outbox(redis, fields, maxlen=0)
     return ids[0]
 
 
@@ -187,46 +201,54 @@ class Outbox:
         self._clear()
 
     def _clear(self) -> None:
-        self._keys: list[str] = []
-        self._items: list[str | bytes] = []
+        self._fields: list[bytes] = []
         self._required = False
         self._notices = 0
+        self._messages = 0
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._notices + self._messages
 
     def notify(self, row: asyncpg.Record, event_type: UserEventType) -> None:
         keys, user_id = self.publisher.keys, row["user_id"]
-        self._keys.append(keys.user_events(user_id))
-        self._items += [b"n", keys.user_channel(user_id), notice(row, event_type).model_dump_json()]
+        payload = notice(row, event_type).model_dump_json()
+        self._fields += [
+            b"n",
+            keys.user_events(user_id).encode(),
+            keys.user_channel(user_id).encode(),
+            payload.encode(),
+        ]
         self._notices += 1
 
     def send(self, stream: str, message: Message, *, required: bool = True) -> None:
-        self._keys.append(stream)
-        self._items += [b"m", message.model_dump_json()]
+        self._fields += [b"m", stream.encode(), message.model_dump_json().encode()]
+        self._messages += 1
         self._required = self._required or required
 
     async def flush(self) -> None:
-        if not self._keys:
+        if not self._fields:
             return
-        keys, items, required, notices = self._keys, self._items, self._required, self._notices
+        fields, required, notices, messages = (
+            self._fields,
+            self._required,
+            self._notices,
+            self._messages,
+        )
         self._clear()
         try:
-            await _run_outbox(self.publisher.redis, keys, items, maxlen=self.publisher.maxlen)
+            await _run_outbox(self.publisher.redis, fields, maxlen=self.publisher.maxlen)
         except Exception as exc:
             if notices:
                 log.warning("notify.failed", count=notices, error=repr(exc))
             if required:
                 raise
-            log.warning("outbox.send_failed", count=len(keys) - notices, error=repr(exc))
+            log.warning("outbox.send_failed", count=messages, error=repr(exc))
 
 
-async def _run_outbox(
-    redis: SharedRedis, keys: Sequence[str], items: Sequence[str | bytes], *, maxlen: int
-) -> list[str]:
-    args = (maxlen, REPLAY_MAXLEN, DATA_FIELD, REPLAY_TTL_S * 1000, *items)
+async def _run_outbox(redis: SharedRedis, fields: list[bytes], *, maxlen: int) -> list[str]:
+    args = (maxlen, REPLAY_MAXLEN, DATA_FIELD, REPLAY_TTL_S * 1000, b"\0".join(fields))
     try:
-        ids = await redis.evalsha(_OUTBOX_SHA, len(keys), *keys, *args)
+        ids = await redis.evalsha(_OUTBOX_SHA, 0, *args)
     except NoScriptError:  # first call since the server started (or SCRIPT FLUSH)
-        ids = await redis.eval(_OUTBOX_LUA, len(keys), *keys, *args)
+        ids = await redis.eval(_OUTBOX_LUA, 0, *args)
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]

@@ -210,13 +210,15 @@ class LocalStorage:
         return await asyncio.to_thread(walk)
 
     async def discard_partials(self, *prefixes: str) -> int:
-        bases = [self.root / _validate_prefix(p).rpartition("/")[0] for p in prefixes]
+        # Plain strings, not Paths: a batch names hundreds of prefixes.
+        root = str(self.root)
+        bases = [os.path.join(root, _validate_prefix(p).rpartition("/")[0]) for p in prefixes]
 
         def remove() -> int:
             removed = 0
             for base in bases:
-                if not base.resolve().is_relative_to(self.root):
-                    continue
+                if os.path.commonpath([os.path.realpath(base), root]) != root:
+                    continue  # a symlink out of the root
                 for dirpath, _dirs, files in os.walk(base):
                     for name in files:
                         if name.startswith(_TMP_PREFIX):
