@@ -229,7 +229,7 @@ class StreamConsumer(Generic[M]):
                 # Poison: no retry can fix it.
                 await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
         batch = self.batch_handler
-        if batch is not None and len(messages) > 1:
+        if batch is not None and messages:
             left = await self._run_batch(batch, messages)
             if left is not None:
                 left_ids = {entry_id for entry_id, _ in left}
