@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -347,5 +348,16 @@ class StreamConsumer(Generic[M]):
             "consumer.dead_lettered",
             stream=cfg.stream,
             entry_id=entry_id.decode(),
+            generation_id=_generation_id(raw),
             error=error[:200],
         )
+
+
+def _generation_id(raw: bytes) -> str | None:
+    """The generation a raw message is about, when it says so: for the operator's logs."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    value = data.get("generation_id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None

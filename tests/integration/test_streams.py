@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+import structlog.testing
 
 from core.events import DeadLetter, GenerationRequested
 from core.runtime import Runtime
@@ -112,11 +113,14 @@ async def test_poison_after_max_deliveries_goes_to_dead_letters(
     rt: Runtime, msg: GenerationRequested
 ) -> None:
     rec = Recorder(fail_times=1000)
-    async with consuming(rt, rec, max_deliveries=3):
-        await rt.publisher.send(rt.settings.keys.requested, msg)
-        async with asyncio.timeout(15):
-            while not await rt.redis.exists(rt.settings.keys.dead):
-                await asyncio.sleep(0.05)
+    with structlog.testing.capture_logs() as logs:
+        async with consuming(rt, rec, max_deliveries=3):
+            await rt.publisher.send(rt.settings.keys.requested, msg)
+            async with asyncio.timeout(15):
+                while not await rt.redis.exists(rt.settings.keys.dead):
+                    await asyncio.sleep(0.05)
+    [line] = [e for e in logs if e["event"] == "consumer.dead_lettered"]
+    assert line["generation_id"] == str(msg.generation_id)  # the operator can look it up
     assert len(rec.seen) == 3
     assert await _pending(rt) == 0
     ((_, fields),) = await rt.redis.xrange(rt.settings.keys.dead)
