@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -80,24 +81,29 @@ async def _run(loops_for: str, settings: Settings, args: argparse.Namespace) -> 
             )
             loops = worker_loops(rt, engine)
         elif loops_for == "reconciler":
+            from core import janitor
             from reconciler.loop import Reconciler
 
-            loops = {"reconciler": Reconciler(rt, providers).run}
+            loops = {
+                "reconciler": Reconciler(rt, providers).run,
+                "janitor": functools.partial(janitor.run, rt),
+            }
         if getattr(args, "metrics_port", None):
-            from functools import partial
-
             from core.metrics import serve_metrics
 
-            loops["metrics"] = partial(serve_metrics, args.metrics_host, args.metrics_port)
+            loops["metrics"] = functools.partial(
+                serve_metrics, args.metrics_host, args.metrics_port
+            )
         await run_loops(loops, stop)
 
 
 async def _dev(settings: Settings) -> None:
     """Everything in one process for a newcomer: embedded servers unless URLs are set."""
     from consumers.runner import consumer_loops
+    from core import janitor
     from core.embedded import embedded_services
     from core.runtime import open_runtime
-    from core.service import install_signal_handlers, run_loops
+    from core.service import Loop, install_signal_handlers, run_loops
     from providers.local.engines import load_engine
     from providers.local.worker import worker_loops
     from providers.registry import open_providers
@@ -120,10 +126,11 @@ async def _dev(settings: Settings) -> None:
             open_runtime(settings) as rt,
             open_providers(rt.settings, rt.publisher) as providers,
         ):
-            loops = {
+            loops: dict[str, Loop] = {
                 **consumer_loops(rt, providers),
                 **worker_loops(rt, load_engine(settings.worker_engine, settings)),
                 "reconciler": Reconciler(rt, providers).run,
+                "janitor": functools.partial(janitor.run, rt),
                 "api": lambda stop: _serve_api(settings, stop, rt),
             }
             print(

@@ -271,6 +271,19 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Time between two reconciler passes."
     )
+    janitor_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description=(
+            "Time between two passes of the reconciler's janitor, which deletes expired "
+            "or revoked sessions, used or expired mailed tokens and dead API tokens."
+        ),
+    )
+    janitor_keep_s: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="How long the janitor keeps a dead session or token before deleting it.",
+    )
 
     # Accounts (core.accounts): sign-up, sessions, mailed tokens, login throttling.
     app_url: str | None = Field(
