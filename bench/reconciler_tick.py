@@ -11,16 +11,20 @@ Beside them live ``--stuck`` rows of each kind, not due; at each size:
 - **empty**: ``--empty-ticks`` ticks with nothing due: the cost of the scans alone;
 - per kind in ``--kinds``, ``--rounds`` rounds: the kind's rows are made due
   (``next_check_at`` in the past: *re-armed*), then ``tick()`` is called until none
-  is due (a tick leases at most ``reconciler.loop.BATCH`` rows, so 1,000 stuck rows take
-  two ticks). Kinds, each a recovery that leaves the row as it was so rounds repeat:
-  ``queued`` (never dispatched: requeue = one XADD each), ``submitted`` (local job with
-  a backlog in the worker queue: the deadline is pushed back, one UPDATE each),
-  ``processing`` (local job whose worker heartbeats: one history SELECT, one EXISTS,
-  one UPDATE each), ``mixed`` (a third of each).
+  is due (a tick leases at most ``reconciler.loop.BATCH`` rows, 1,000: 1,000 stuck rows
+  take one tick). Kinds, each a recovery that leaves the row as it was so rounds repeat
+  (a round that retries a row is an error): ``queued`` (never dispatched: requeued, one
+  XADD each in one pipeline), ``submitted`` (local job with a backlog in the worker
+  queue: left alone, one XINFO for the queue), ``processing`` (local job whose worker
+  heartbeats: left alone, one history query for all rows and one EXISTS per worker),
+  ``mixed`` (a third of each).
 
 Figures: tick ms (p50 / max) for the empty tick and for the first tick of each round
-(a full lease), and ms for all ticks of a round. Servers, database and prefix as in
-``bench/e2e.py``; results on stdout and in ``bench/results/reconciler-tick-<ts>.json``.
+(a full lease), ms for all ticks of a round, and CPU ms per round: this process's (the
+reconciler's own work, p50), the Postgres processes' of the bench database and the
+Redis server's (``CpuMeter``, means over the rounds: /proc counts in 10 ms ticks).
+Servers, database and prefix as in ``bench/e2e.py``; results on stdout and in
+``bench/results/reconciler-tick-<ts>.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import (
     BenchError,
+    CpuMeter,
+    Procs,
     _machine_cpu_s,
     calibrate,
     fresh_database,
@@ -163,6 +170,7 @@ async def measure(
     stuck: dict[str, list[UUID]],
     args: argparse.Namespace,
     profiler: cProfile.Profile | None,
+    meter: CpuMeter,
 ) -> dict[str, Any]:
     """Empty ticks, then rounds of each kind; every tick timed on its own."""
     out: dict[str, Any] = {}
@@ -185,46 +193,61 @@ async def measure(
             ids = [g for k, n in zip(KINDS, shares, strict=True) for g in stuck[k][:n]]
         else:
             ids = stuck[kind]
+        queued = len(set(ids) & set(stuck["queued"]))
         first: list[float] = []
         rounds: list[float] = []
+        cpu: list[float] = []
+        servers_cpu: Counter[str] = Counter()
         ticks_per_round: list[int] = []
         for _ in range(args.rounds):
             await rt.pool.execute(_ARM, ids)
             elapsed: list[float] = []
+            cpu_s = 0.0
+            counts: Counter[str] = Counter()
             while True:
-                t0 = time.perf_counter()
+                before = meter.snapshot()  # outside the timed tick: it reads all of /proc
+                t0, c0 = time.perf_counter(), time.process_time()
                 if profiler:
                     profiler.enable()
-                counts = await rec.tick()
+                counts.update(await rec.tick())
                 if profiler:
                     profiler.disable()
                 elapsed.append(time.perf_counter() - t0)
+                cpu_s += time.process_time() - c0
+                after = meter.snapshot()
+                servers_cpu.update({k: after[k] - before[k] for k in ("postgres", "redis")})
                 if await rt.pool.fetchval(_DUE) == 0:
                     break
                 if len(elapsed) > 2 + len(ids) // BATCH:
                     raise BenchError(f"{kind}: rows still due after {len(elapsed)} ticks")
-            if kind == "queued" and counts["requeue"] == 0:
-                raise BenchError("queued rows were not requeued")
+            if counts["requeue"] != queued or counts["retry"] or counts["exhausted"]:
+                raise BenchError(f"{kind}: {queued} queued rows, but the round did {counts}")
             first.append(elapsed[0])
             rounds.append(sum(elapsed))
+            cpu.append(cpu_s)
             ticks_per_round.append(len(elapsed))
             await rt.pool.execute(_DISARM, ids)
         out[kind] = {
             "rows": len(ids),
             "first_tick": _ms(first),
             "round": _ms(rounds),
+            "cpu_ms_per_round": _ms(cpu)["p50"],
+            # Clock ticks of 10 ms per process: a mean over the rounds, not a p50.
+            "postgres_cpu_ms_per_round": round(1000 * servers_cpu["postgres"] / args.rounds, 1),
+            "redis_cpu_ms_per_round": round(1000 * servers_cpu["redis"] / args.rounds, 1),
             "ticks_per_round": max(ticks_per_round),
         }
     return out
 
 
-async def explain(rt: Runtime) -> dict[str, str]:
+async def explain(rt: Runtime, rec: Reconciler) -> dict[str, str]:
     """Execution time and top plan node of each scan of an empty tick (rolled back)."""
     from reconciler import loop
 
     plans: dict[str, str] = {}
+    checks = rec._leased_for_check
     queries = {
-        "lease_due": (loop._LEASE_DUE, BATCH, dt.timedelta(seconds=30)),
+        "lease_due": (loop._LEASE_DUE, BATCH, rec.grace, list(checks), list(checks.values())),
         "past_deadline": (loop._PAST_DEADLINE, BATCH),
         "lease_thumbnails": (loop._LEASE_THUMBNAILS, BATCH, dt.timedelta(seconds=60)),
     }
@@ -329,7 +352,8 @@ async def run(args: argparse.Namespace) -> int:
             )
             busy0, _, total0 = _machine_cpu_s()
             own0, wall0 = _own_cpu_s(), time.perf_counter()
-            entry.update(await measure(rt, rec, stuck, args, profile_here))
+            meter = CpuMeter(Procs({}, tmp), db_name)
+            entry.update(await measure(rt, rec, stuck, args, profile_here, meter))
             busy1, _, total1 = _machine_cpu_s()
             wall = time.perf_counter() - wall0
             # Whether the box was ours: this process's share, and the whole machine's.
@@ -337,7 +361,7 @@ async def run(args: argparse.Namespace) -> int:
                 "bench_percent_of_core": round(100 * (_own_cpu_s() - own0) / wall, 1),
                 "machine_busy_percent": round(100 * (busy1 - busy0) / (total1 - total0), 1),
             }
-            entry["explain_empty"] = await explain(rt)
+            entry["explain_empty"] = await explain(rt, rec)
             results.append(entry)
     meta["calibration_end"] = calibrate()
     git = meta["git"]
@@ -350,11 +374,12 @@ async def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{args.stuck} stuck rows per kind, leased {BATCH} per tick; ms per tick (p50 / max); "
-        f"'round' = every tick until none is due"
+        f"'round' = every tick until none is due; CPU ms per round: 'cpu ms' this process (p50),\n"
+        f"'pg' the Postgres processes of this database, 'redis' the Redis server (means)"
     )
     head = (
         f"{'finished rows':>13}{'MB':>6}  {'due rows':<20}{'1st tick p50':>13}{'max':>8}"
-        f"{'round p50':>11}{'max':>8}{'ticks':>7}"
+        f"{'round p50':>11}{'max':>8}{'ticks':>7}{'cpu ms':>8}{'pg':>7}{'redis':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -367,6 +392,8 @@ async def run(args: argparse.Namespace) -> int:
             print(
                 f"{lead}{label:<20}{k['first_tick']['p50']:>13.1f}{k['first_tick']['max']:>8.1f}"
                 f"{k['round']['p50']:>11.1f}{k['round']['max']:>8.1f}{k['ticks_per_round']:>7}"
+                f"{k['cpu_ms_per_round']:>8.1f}{k['postgres_cpu_ms_per_round']:>7.0f}"
+                f"{k['redis_cpu_ms_per_round']:>7.0f}"
             )
     print(
         "cpu while ticking (this process, % of one core / machine busy, % of all cores): "

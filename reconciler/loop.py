@@ -25,6 +25,17 @@ Recoveries (each logged as ``reconciler.recovered`` with a reason):
 
 A job that is merely slow is left alone: a queue with a backlog, a worker still
 heartbeating, a remote job still running. Its deadline bounds it.
+
+A tick's cost is per kind of row, not per row: the leased rows are sorted into kinds
+and each kind is settled in a few round trips whatever its size (one pipeline of
+XADDs for the requeues, one backlog look per queue, one history query and one Redis
+pipeline for the heartbeats, one ``UPDATE ... FROM unnest`` for the rows to extend).
+Queue and worker jobs are leased straight for their provider's check interval, which
+is what they get when left alone (the common case), so such a row is written once per
+tick; if the tick then dies, they are looked at again after that interval rather than
+the grace period. Remote jobs are leased for the grace period and extended after their
+poll; polls are per row, ``POLL_CONCURRENCY`` at a time, and local rows do not wait for
+them. Every write stays fenced by ``attempt`` and status, row by row.
 """
 
 from __future__ import annotations
@@ -32,30 +43,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from redis.exceptions import ResponseError
 
 from consumers.results import apply_outcome
 from core import lifecycle, metrics
-from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested
+from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested, UserEventType
 from core.keys import GROUP_GPU_WORKERS, GROUP_HOSTED
 from core.lifecycle import Status
 from core.logging import get_logger
-from core.notify import notify
+from core.notify import notify_many
 from core.retry import next_attempt_due
 from core.runtime import Runtime
+from core.settings import PROVIDERS
 from core.storage import clear_generation
 from providers.base import Job, classify
 from providers.registry import ProviderSet, check_after
 
 log = get_logger(__name__)
 
-BATCH = 500
+# Rows leased per tick: 1,000 stuck rows are settled in one tick (issue target).
+BATCH = 1000
 POLL_CONCURRENCY = 16
 
+# A due row is leased for as long as its recovery may take: a queued row for the grace
+# period (published again after it), a remote row for the grace period (polled within
+# it), a queue or worker job straight for its provider's check interval ($3, $4): that
+# is what it gets when it is left alone, the common case, so it is written once.
 _LEASE_DUE = """
     WITH due AS (
         SELECT id FROM generations
@@ -64,7 +84,10 @@ _LEASE_DUE = """
          LIMIT $1
            FOR UPDATE SKIP LOCKED
     )
-    UPDATE generations g SET next_check_at = now() + $2::interval
+    UPDATE generations g
+       SET next_check_at = now() + CASE WHEN g.status = 'queued' THEN $2::interval
+           ELSE coalesce(($4::interval[])[array_position($3::text[], g.provider::text)],
+                         $2::interval) END
       FROM due WHERE g.id = due.id
     RETURNING g.*
 """
@@ -88,6 +111,36 @@ _LEASE_THUMBNAILS = """
     RETURNING g.id, g.attempt, g.user_id, g.image_key
 """
 
+# Each row's next check, fenced like a transition: a row that moved on since the lease
+# (a result landed, another attempt started) keeps what that change set.
+_EXTEND = """
+    UPDATE generations g SET next_check_at = u.due
+      FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(id, attempt, due)
+     WHERE g.id = u.id AND g.attempt = u.attempt AND g.status IN ('submitted', 'processing')
+"""
+
+# Who runs each job: the source of the last ``processing`` event of the row's attempt
+# (one index probe per row on ``ix_generation_events_generation``). A row without one
+# has no runner.
+_RUNNERS = """
+    SELECT r.id, last.source
+      FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
+     CROSS JOIN LATERAL (
+         SELECT e.detail->>'source' AS source FROM generation_events e
+          WHERE e.generation_id = r.id AND e.attempt = r.attempt AND e.status = 'processing'
+          ORDER BY e.id DESC
+          LIMIT 1
+     ) AS last
+"""
+
+
+@dataclass
+class _Plan:
+    """What a tick decided for some leased rows, carried out together by kind."""
+
+    extend: list[asyncpg.Record] = field(default_factory=list)  # left alone, looked at later
+    retry: list[tuple[asyncpg.Record, str]] = field(default_factory=list)  # (row, why gone)
+
 
 class Reconciler:
     def __init__(self, rt: Runtime, providers: ProviderSet | None = None) -> None:
@@ -97,6 +150,11 @@ class Reconciler:
         self.grace = timedelta(seconds=s.dispatch_grace_s)
         self.thumbnail_grace = timedelta(seconds=s.thumbnail_grace_s)
         self._polls = asyncio.Semaphore(POLL_CONCURRENCY)
+        # Queue and worker jobs are leased straight for their check interval; remote
+        # jobs for the grace period, since their poll may take a while.
+        self._leased_for_check = {
+            name: check_after(s, name) for name in PROVIDERS if name not in self.providers.polling
+        }
 
     async def tick(self) -> dict[str, int]:
         """One pass over everything that is due; returns recoveries by reason."""
@@ -104,54 +162,102 @@ class Reconciler:
             {"requeue": 0, "polled": 0, "retry": 0, "exhausted": 0, "deadline": 0, "thumbnail": 0}
         )
         counts["deadline"] = await self._deadlines()
-        rows = await self.rt.pool.fetch(_LEASE_DUE, BATCH, self.grace)
-        # Whether each queue stream still holds a backlog: asked once per tick, up front
-        # (the row handlers run concurrently and would each ask otherwise).
-        queued_providers = {
-            r["provider"]
-            for r in rows
-            if r["status"] == Status.SUBMITTED and r["provider"] not in self.providers.polling
-        }
-        backlog = {p: await self._has_backlog(p) for p in sorted(queued_providers)}
-        # Queued rows (the common case after Redis lost its streams) go out in one pipeline.
-        requeue = [
-            GenerationRequested(generation_id=r["id"], attempt=r["attempt"])
-            for r in rows
-            if r["status"] == Status.QUEUED
-        ]
-        await self.rt.publisher.send_many(self.rt.settings.keys.requested, requeue)
-        counts["requeue"] = len(requeue)
-        others = [r for r in rows if r["status"] != Status.QUEUED]
-        reasons = await asyncio.gather(*(self._recover(row, backlog) for row in others))
-        counts.update(r for r in reasons if r)
-        counts["thumbnail"] = await self._thumbnails()
+        rows = await self.rt.pool.fetch(
+            _LEASE_DUE,
+            BATCH,
+            self.grace,
+            list(self._leased_for_check),
+            list(self._leased_for_check.values()),
+        )
+        queued = [r for r in rows if r["status"] == Status.QUEUED]
+        dispatched = [r for r in rows if r["status"] != Status.QUEUED]
+        remote = [r for r in dispatched if r["provider"] in self.providers.polling]
+        local = [r for r in dispatched if r["provider"] not in self.providers.polling]
+        # Side by side: no kind waits for another's round trips, local rows not for polls.
+        requeued, settled_local, settled_remote, thumbnails = await asyncio.gather(
+            self._requeue(queued),
+            self._settle_local(local),
+            self._settle_remote(remote),
+            self._thumbnails(),
+        )
+        counts.update(settled_local + settled_remote)
+        counts["requeue"], counts["thumbnail"] = requeued, thumbnails
         for reason, n in counts.items():
             if n:
                 log.info("reconciler.recovered", reason=reason, count=n)
                 metrics.RECONCILER_RECOVERIES.labels(reason).inc(n)
         return dict(counts)
 
-    async def _recover(self, row: asyncpg.Record, backlog: dict[str, bool]) -> str | None:
-        status, provider = Status(row["status"]), row["provider"]
-        if provider in self.providers.polling:
-            return await self._check_remote(row)
-        if status is Status.SUBMITTED:
-            if backlog[provider]:
-                return await self._extend(row)  # still waiting its turn in the queue
-            return await self._retry(row, "job_lost")
-        if await self._runner_alive(row):
-            return await self._extend(row)  # a long job on a live worker
-        return await self._retry(row, "runner_gone")
+    async def _requeue(self, rows: Sequence[asyncpg.Record]) -> int:
+        """Queued rows (the common case after Redis lost its streams): one pipeline."""
+        requeue = [GenerationRequested(generation_id=r["id"], attempt=r["attempt"]) for r in rows]
+        await self.rt.publisher.send_many(self.rt.settings.keys.requested, requeue)
+        return len(requeue)
 
-    async def _extend(self, row: asyncpg.Record, reason: str | None = None) -> str | None:
-        await self.rt.pool.execute(
-            """UPDATE generations SET next_check_at = $3
-                WHERE id = $1 AND attempt = $2 AND status IN ('submitted', 'processing')""",
-            row["id"],
-            row["attempt"],
-            lifecycle.due_in(check_after(self.rt.settings, row["provider"])),
+    async def _settle_local(self, rows: Sequence[asyncpg.Record]) -> Counter[str]:
+        """Queue and worker jobs: each queue's backlog asked once, every runner's
+        heartbeat in one history query and one Redis round trip."""
+        if not rows:
+            return Counter()
+        submitted = [r for r in rows if r["status"] == Status.SUBMITTED]
+        processing = [r for r in rows if r["status"] == Status.PROCESSING]
+        backlog, alive = await asyncio.gather(
+            self._backlogs({r["provider"] for r in submitted}), self._runners_alive(processing)
         )
-        return reason
+        plan = _Plan()
+        for row in submitted:
+            if backlog[row["provider"]]:
+                plan.extend.append(row)  # still waiting its turn in the queue
+            else:
+                plan.retry.append((row, "job_lost"))
+        for row in processing:
+            if row["id"] in alive:
+                plan.extend.append(row)  # a long job on a live worker
+            else:
+                plan.retry.append((row, "runner_gone"))
+        return await self._carry_out(plan)
+
+    async def _settle_remote(self, rows: Sequence[asyncpg.Record]) -> Counter[str]:
+        """RunPod/Replicate jobs: those that never got a provider id are settled
+        together; the others are polled concurrently (see ``_poll``)."""
+        if not rows:
+            return Counter()
+        with_id = [r for r in rows if r["provider_job_id"]]
+        plan = _Plan()
+        for row in (r for r in rows if not r["provider_job_id"]):
+            # Never got an id: the submit failed or its process died. Give an in-flight
+            # submit its full timeout before calling it gone.
+            age = (datetime.now(UTC) - row["updated_at"]).total_seconds()
+            if age < self.rt.settings.provider_timeout_s:
+                plan.extend.append(row)
+            else:
+                plan.retry.append((row, "not_submitted"))
+        polled, counts = await asyncio.gather(
+            asyncio.gather(*(self._poll(row) for row in with_id)), self._carry_out(plan)
+        )
+        counts.update(reason for reason in polled if reason)
+        return counts
+
+    async def _carry_out(self, plan: _Plan) -> Counter[str]:
+        await self._extend(plan.extend)
+        return await self._retry(plan.retry)
+
+    async def _extend(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Rows left alone are looked at again after their provider's check interval.
+        Queue and worker jobs of a known provider were leased for it: no second write."""
+        rows = [r for r in rows if r["provider"] not in self._leased_for_check]
+        if not rows:
+            return
+        due = {
+            p: lifecycle.due_in(check_after(self.rt.settings, p))
+            for p in {r["provider"] for r in rows}
+        }
+        await self.rt.pool.execute(
+            _EXTEND,
+            [r["id"] for r in rows],
+            [r["attempt"] for r in rows],
+            [due[r["provider"]] for r in rows],
+        )
 
     async def _has_backlog(self, provider: str) -> bool:
         """Entries not yet taken by the provider's runners: a slow queue, not a lost job."""
@@ -168,28 +274,35 @@ class Reconciler:
         # No runner ever read it: anything in the stream is backlog.
         return bool(await self.rt.redis.xlen(self.rt.settings.keys.jobs(provider)))
 
-    async def _runner_alive(self, row: asyncpg.Record) -> bool:
-        source = await self.rt.pool.fetchval(
-            """SELECT detail->>'source' FROM generation_events
-                WHERE generation_id = $1 AND attempt = $2 AND status = 'processing'
-                ORDER BY id DESC LIMIT 1""",
-            row["id"],
-            row["attempt"],
-        )
-        if not source:
-            return False
-        return bool(await self.rt.redis.exists(self.rt.settings.keys.worker_heartbeat(source)))
+    async def _backlogs(self, providers: set[str]) -> dict[str, bool]:
+        """``_has_backlog`` of each queue, asked once per tick whatever its rows."""
+        names = sorted(providers)
+        return dict(zip(names, await asyncio.gather(*map(self._has_backlog, names)), strict=True))
 
-    async def _check_remote(self, row: asyncpg.Record) -> str | None:
-        """A RunPod/Replicate job: ask the provider; apply what it says."""
-        rt, name = self.rt, row["provider"]
-        if not row["provider_job_id"]:
-            # Never got an id: the submit failed or its process died. Give an in-flight
-            # submit its full timeout before calling it gone.
-            age = (datetime.now(UTC) - row["updated_at"]).total_seconds()
-            if age < rt.settings.provider_timeout_s:
-                return await self._extend(row)
-            return await self._retry(row, "not_submitted")
+    async def _runners_alive(self, rows: Sequence[asyncpg.Record]) -> set[UUID]:
+        """Ids of the rows whose runner still heartbeats."""
+        if not rows:
+            return set()
+        runners = await self.rt.pool.fetch(
+            _RUNNERS, [r["id"] for r in rows], [r["attempt"] for r in rows]
+        )
+        sources = sorted({r["source"] for r in runners if r["source"]})
+        if not sources:
+            return set()
+        keys = self.rt.settings.keys
+        # A few workers run many jobs: one EXISTS per worker, all in one round trip.
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.exists(keys.worker_heartbeat(source))
+            beating = await pipe.execute()
+        live = {s for s, n in zip(sources, beating, strict=True) if n}
+        return {r["id"] for r in runners if r["source"] in live}
+
+    async def _poll(self, row: asyncpg.Record) -> str | None:
+        """Ask the provider about one job and apply what it says. A job still running is
+        extended at once, not with the others: its lease is only the grace period, and
+        the slowest of many polls may take longer than that."""
+        name = row["provider"]
         try:
             async with self._polls:
                 outcome = await self.providers.polling[name].poll(Job.from_row(row))
@@ -199,7 +312,7 @@ class Reconciler:
             metrics.PROVIDER_ERRORS.labels(name, failure.code).inc()
             return None  # asked again after the lease (the grace period)
         done = await apply_outcome(
-            rt,
+            self.rt,
             provider=name,
             generation_id=row["id"],
             attempt=row["attempt"],
@@ -207,13 +320,31 @@ class Reconciler:
             outcome=outcome,
         )
         if done in ("waiting", "processing", "fetching"):
-            return await self._extend(row)
+            await self._extend([row])
+            return None
         return "polled"
 
-    async def _retry(self, row: asyncpg.Record, why: str) -> str | None:
+    async def _retry(self, gone: Sequence[tuple[asyncpg.Record, str]]) -> Counter[str]:
+        """Jobs that are gone: a new attempt each, or ``failed`` after the last one."""
+        counts: Counter[str] = Counter()
+        if not gone:
+            return counts
+        await self._cancel_at_providers([row for row, _ in gone])
+        results = await asyncio.gather(*(self._retry_one(row, why) for row, why in gone))
+        moved = [m for m in results if m is not None]
+        await self._clear([row for reason, row in moved if reason == "exhausted"])
+        notices: list[tuple[asyncpg.Record, UserEventType]] = [
+            (row, "generation.failed" if reason == "exhausted" else "generation.queued")
+            for reason, row in moved
+        ]
+        await notify_many(self.rt.publisher, notices)
+        counts.update(reason for reason, _ in moved)
+        return counts
+
+    async def _retry_one(self, row: asyncpg.Record, why: str) -> tuple[str, asyncpg.Record] | None:
+        """The CAS for one gone job: ``(reason, new row)``, or None when it moved on."""
         rt = self.rt
         gid, attempt = row["id"], row["attempt"]
-        await self._cancel_at_provider(row)
         if attempt >= rt.settings.max_attempts:
             failed = await lifecycle.transition(
                 rt.pool,
@@ -224,10 +355,7 @@ class Reconciler:
                 error_message=f"no result after {attempt} attempts",
                 detail={"reason": why},
             )
-            if failed is not None:
-                await clear_generation(rt.storage, failed["user_id"], gid)
-                await notify(rt.publisher, failed, "generation.failed")
-            return "exhausted" if failed is not None else None
+            return ("exhausted", failed) if failed is not None else None
         # The new attempt waits out its backoff as a queued row; the requeue path
         # publishes it when due, so a retry survives losing the stream too.
         retried = await lifecycle.retry(
@@ -238,41 +366,48 @@ class Reconciler:
             detail={"reason": why},
             next_check_at=next_attempt_due(attempt, rt.settings),
         )
-        if retried is None:
-            return None
-        await notify(rt.publisher, retried, "generation.queued")
-        return "retry"
+        return ("retry", retried) if retried is not None else None
 
-    async def _cancel_at_provider(self, row: Any) -> None:
+    async def _cancel_at_providers(self, rows: Sequence[Any]) -> None:
         """Remote jobs we give up on are stopped at the provider (best effort, queued)."""
-        if row["provider_job_id"]:
-            await self.rt.publisher.send(
-                self.rt.settings.keys.cancels,
-                ProviderCancel(
-                    generation_id=row["id"],
-                    attempt=row["attempt"],
-                    provider=row["provider"],
-                    provider_job_id=row["provider_job_id"],
-                ),
+        cancels = [
+            ProviderCancel(
+                generation_id=row["id"],
+                attempt=row["attempt"],
+                provider=row["provider"],
+                provider_job_id=row["provider_job_id"],
             )
+            for row in rows
+            if row["provider_job_id"]
+        ]
+        await self.rt.publisher.send_many(self.rt.settings.keys.cancels, cancels)
+
+    async def _clear(self, failed: Sequence[asyncpg.Record]) -> None:
+        """Failed generations keep no image (one whose report was lost, a partial)."""
+        await asyncio.gather(
+            *(clear_generation(self.rt.storage, row["user_id"], row["id"]) for row in failed)
+        )
 
     async def _deadlines(self) -> int:
-        n = 0
-        for row in await self.rt.pool.fetch(_PAST_DEADLINE, BATCH):
-            failed = await lifecycle.transition(
-                self.rt.pool,
-                row["id"],
-                attempt=row["attempt"],
-                to=Status.FAILED,
-                error_code="timed_out",
-                error_message="the generation did not finish before its deadline",
+        rows = await self.rt.pool.fetch(_PAST_DEADLINE, BATCH)
+        moved = await asyncio.gather(
+            *(
+                lifecycle.transition(
+                    self.rt.pool,
+                    row["id"],
+                    attempt=row["attempt"],
+                    to=Status.FAILED,
+                    error_code="timed_out",
+                    error_message="the generation did not finish before its deadline",
+                )
+                for row in rows
             )
-            if failed is not None:
-                n += 1
-                await self._cancel_at_provider(row)
-                await clear_generation(self.rt.storage, failed["user_id"], failed["id"])
-                await notify(self.rt.publisher, failed, "generation.failed")
-        return n
+        )
+        ended = [(row, f) for row, f in zip(rows, moved, strict=True) if f is not None]
+        await self._cancel_at_providers([row for row, _ in ended])
+        await self._clear([failed for _, failed in ended])
+        await notify_many(self.rt.publisher, [(failed, "generation.failed") for _, failed in ended])
+        return len(ended)
 
     async def _thumbnails(self) -> int:
         rows = await self.rt.pool.fetch(_LEASE_THUMBNAILS, BATCH, self.thumbnail_grace)

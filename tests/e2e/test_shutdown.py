@@ -435,7 +435,7 @@ async def test_reconciler_sigterm_mid_tick_then_restart_recovers_each_row_once(
 ) -> None:
     """Stuck rows (submitted to local workers whose queue was lost): a reconciler stopped
     during its ticks exits 0; a restarted one recovers the rest; each row once."""
-    n = 520
+    n = 1020
     base = base_url(stack)
     stack.env.update(
         # Dispatched local jobs are checked after 1 s; a retried attempt waits 60 s
@@ -468,7 +468,7 @@ async def test_reconciler_sigterm_mid_tick_then_restart_recovers_each_row_once(
                 await asyncio.sleep(0.01)
         assert await stop(stack, "reconciler") == 0
         by_first = await retried()
-        # It stopped after the tick in hand (at most BATCH = 500 rows), not at the end.
+        # It stopped after the tick in hand (at most BATCH = 1000 rows), not at the end.
         assert 0 < by_first < n
 
         stack.start("reconciler2", "reconciler")
