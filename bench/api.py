@@ -3,8 +3,9 @@
     .venv/bin/python bench/api.py                       # the defaults below, ~2 min
     .venv/bin/python bench/api.py --rows 100000 --rates 500,1000 --client aiohttp
 
-Phases, in order, against one API process (no consumers: POSTs insert a row and XADD
-to the requested stream, which nothing reads during the run):
+Phases, in order, against one API process (no consumers: POSTs insert a row, then one
+Redis script call, shared by the POSTs of one event-loop turn, logs the queued notice and
+XADDs to the requested stream, which nothing reads during the run):
 
 1. bulk load ``--rows`` finished generations spread over ``--users`` users (one of them,
    the *list user*, owns ``--list-user-rows``), then ``VACUUM ANALYZE``;
@@ -531,6 +532,9 @@ async def run_loadgen(spec: dict[str, Any], meter: CpuMeter, limit_s: float) -> 
     cpu["loadgen"] = lg
     cpu["other"] = round(cpu["other"] - 100 * result["loadgen_cpu_s"] / wall, 1)
     result["cpu_percent"] = cpu
+    # The steadier figure on a shared box: API CPU per request answered, in µs.
+    if result["per_s"]:
+        result["api_cpu_us_per_request"] = round(cpu.get("api", 0) * 10_000 / result["per_s"])
     result["name"] = spec["name"]
     result["client"] = spec["client"]
     return result
@@ -547,7 +551,7 @@ def print_phase(r: dict[str, Any]) -> None:
     print(
         f"{r['name']:<26}{r['requests']:>8}{r['per_s']:>9.0f}"
         f"{_fmt(lat['p50']):>8}{_fmt(lat['p90']):>8}{_fmt(lat['p99']):>8}{_fmt(lat['max']):>8}"
-        f"{bad + len(r['errors']):>6}   "
+        f"{bad + len(r['errors']):>6}{r.get('api_cpu_us_per_request', '-'):>8}   "
         f"api {cpu.get('api', 0):.0f} pg {cpu.get('postgres', 0):.0f} "
         f"redis {cpu.get('redis', 0):.0f} loadgen {cpu['loadgen']:.0f} "
         f"other {cpu['other']:.0f} (busy {cpu['machine']:.0f}%)"
@@ -782,13 +786,16 @@ async def run(args: argparse.Namespace) -> int:
         )
     head = (
         f"{'phase':<26}{'N':>8}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'bad':>6}"
-        "   cpu % of one core"
+        f"{'api µs':>8}   cpu % of one core"
     )
     print(head)
     print("-" * (len(head) + 50))
     for r in phases:
         print_phase(r)
-    print("latencies in ms; open loop: from each request's scheduled time")
+    print(
+        "latencies in ms; open loop: from each request's scheduled time; api µs: the API "
+        "process's CPU per request (its cpu % x 10,000 / req/s)"
+    )
     for r in phases:
         extra = []
         if "send_lag_ms_max" in r:

@@ -33,14 +33,11 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
         structlog.processors.StackInfoRenderer(),
     ]
     structlog.configure(
-        # Drop lines below the level before any processor runs on them.
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        # A call below the level is a no-op method: no event dict, no processor, no
+        # stdlib level check (the API's per-request lines cost nothing at WARNING).
+        wrapper_class=structlog.make_filtering_bound_logger(level.upper()),
         cache_logger_on_first_use=True,
     )
     renderer: Any
@@ -65,5 +62,6 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name)
+    return logger

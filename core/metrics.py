@@ -74,6 +74,14 @@ HTTP_REQUEST_DURATION = Histogram(
     registry=REGISTRY,
 )
 
+API_PUBLISH_BATCH = Histogram(
+    "gengui_api_publish_batch_size",
+    "Generations (created or retried) whose queued notice and dispatch request went out "
+    "together in one Redis call; the count is the calls.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
+
 GENERATION_DURATION = Histogram(
     "gengui_generation_duration_seconds",
     "From submitted to completed, per provider; observed once per completed generation "
@@ -169,10 +177,17 @@ class StreamSeries:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+# (route, method, status) -> its histogram child: ``labels()`` takes a lock and builds
+# the label tuple on every call, a cost per request. Bounded like the series themselves.
+_REQUEST_SERIES: dict[tuple[str, str, int], Any] = {}
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_REQUEST_DURATION.labels(
-        route, method if method in _METHODS else "OTHER", str(status)
-    ).observe(seconds)
+    key = (route, method if method in _METHODS else "OTHER", status)
+    child = _REQUEST_SERIES.get(key)
+    if child is None:
+        child = _REQUEST_SERIES[key] = HTTP_REQUEST_DURATION.labels(*key[:2], str(status))
+    child.observe(seconds)
 
 
 # ---- cluster state, read at scrape time ------------------------------------------------

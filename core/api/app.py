@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from core.api.auth import setup_accounts
 from core.api.docs import setup_docs
 from core.api.events import setup_events
+from core.api.generations import QueuedAnnouncer, announcer_key
 from core.api.generations import routes as generation_routes
 from core.api.http import add_request_id_header, json_response, request_middleware, runtime_key
 from core.api.metrics import setup_metrics
@@ -90,6 +91,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
             yield
 
     app.cleanup_ctx.append(runtime_ctx)
+
+    async def announcer_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt = app[runtime_key]
+        announcer = QueuedAnnouncer(rt.publisher, rt.settings.keys.requested)
+        app[announcer_key] = announcer
+        yield
+        await announcer.aclose()
+
+    app.cleanup_ctx.append(announcer_ctx)
     setup_accounts(app, settings)  # needs the runtime: after runtime_ctx
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -88,7 +89,7 @@ _HTTP_CODES = {
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, one access log line, and every error in the documented JSON shape."""
-    request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request_id = request.headers.get("X-Request-ID", "")[:128] or secrets.token_hex(16)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     request[request_id_key] = request_id

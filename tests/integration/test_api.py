@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
+from typing import Any
 
+import orjson
 import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer, unused_port
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from structlog.testing import capture_logs
 
+from core.api.app import create_app
+from core.api.generations import announcer_key
+from core.metrics import REGISTRY
 from core.runtime import Runtime
+from core.streams import Publisher, SharedRedis
 from tests.conftest import UserAuth, make_user
 
 BODY = {"prompt": "a red fox in snow"}
@@ -276,29 +288,87 @@ async def test_status_filter(client, alice: UserAuth, rt: Runtime) -> None:
     assert len(queued["items"]) == 2
 
 
-async def test_create_survives_redis_publish_failure(client, alice: UserAuth, rt: Runtime) -> None:
-    """The row is the truth: a failed XADD still answers 202, and the reconciler republishes."""
+def _events(logs: list[dict[str, Any]], event: str) -> list[str]:
+    return [line["generation_id"] for line in logs if line["event"] == event]
+
+
+def _batches() -> tuple[float, float]:
+    """(Redis calls, generations announced) so far, from the API's own histogram."""
+    count = REGISTRY.get_sample_value("gengui_api_publish_batch_size_count") or 0.0
+    total = REGISTRY.get_sample_value("gengui_api_publish_batch_size_sum") or 0.0
+    return count, total
+
+
+async def test_generations_announced_in_one_loop_turn_share_one_redis_call(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
+    """Creates whose INSERTs return together pay one Redis call between them, and each
+    still gets its queued notice and its dispatch request, in order of arrival."""
+    gids = []
+    for _ in range(3):
+        resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+        gids.append((await resp.json())["id"])
+    requested = rt.settings.keys.requested
+    events = rt.settings.keys.user_events(alice.user_id)
+    await rt.redis.delete(requested, events)
+    rows = [
+        await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", uuid.UUID(gid))
+        for gid in gids
+    ]
+    calls, announced = _batches()
+    await asyncio.gather(*(client.app[announcer_key].announce(row) for row in rows))
+    assert _batches() == (calls + 1, announced + 3)
+    entries = await rt.redis.xrange(requested)
+    assert [orjson.loads(f[b"__data__"])["generation_id"] for _, f in entries] == gids
+    notices = [orjson.loads(f[b"__data__"]) for _, f in await rt.redis.xrange(events)]
+    assert [(n["type"], n["generation"]["id"]) for n in notices] == [
+        ("generation.queued", gid) for gid in gids
+    ]
+
+
+async def test_create_survives_a_failed_dispatch_publish(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
+    """The row is the truth: a failed XADD still answers 202 and is logged, the queued
+    notice (sent first) still went out, and the reconciler publishes the request again."""
     from reconciler.loop import Reconciler
 
-    original = rt.publisher.send
-
-    async def broken(*args, **kwargs):
-        raise ConnectionError("redis down")
-
-    rt.publisher.send = broken  # type: ignore[method-assign]
-    try:
+    requested = rt.settings.keys.requested
+    await rt.redis.set(requested, "not a stream")  # every XADD to it fails: WRONGTYPE
+    with capture_logs() as logs:
         resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
-    finally:
-        rt.publisher.send = original  # type: ignore[method-assign]
     assert resp.status == 202
-    gid = uuid.UUID((await resp.json())["id"])
-    assert await rt.redis.exists(rt.settings.keys.requested) == 0
+    gid = (await resp.json())["id"]
+    assert _events(logs, "api.publish_failed") == [gid]
+    notices = await rt.redis.xrange(rt.settings.keys.user_events(alice.user_id))
+    assert [orjson.loads(f[b"__data__"])["type"] for _, f in notices] == ["generation.queued"]
+    await rt.redis.delete(requested)
     await rt.pool.execute(
-        "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = $1", gid
+        "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = $1",
+        uuid.UUID(gid),
     )
     counts = await Reconciler(rt).tick()
     assert counts["requeue"] == 1
-    assert await rt.redis.xlen(rt.settings.keys.requested) == 1
+    assert await rt.redis.xlen(requested) == 1
+
+
+async def test_create_answers_202_when_redis_is_unreachable(alice: UserAuth, rt: Runtime) -> None:
+    """Neither the notice nor the request can go out (nothing listens on the port): the
+    failure is logged and the row stays queued for the reconciler."""
+    unreachable = SharedRedis(aioredis.Redis(port=unused_port(), retry=Retry(NoBackoff(), 0)))
+    publisher = Publisher(unreachable, rt.settings.keys)
+    app = create_app(rt.settings, dataclasses.replace(rt, publisher=publisher))
+    try:
+        async with TestClient(TestServer(app)) as c:
+            with capture_logs() as logs:
+                resp = await c.post("/api/v1/generations", json=BODY, headers=alice.headers)
+                assert resp.status == 202
+                gid = (await resp.json())["id"]
+    finally:
+        await unreachable.aclose()
+    assert _events(logs, "api.publish_failed") == [gid]
+    status = await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", uuid.UUID(gid))
+    assert status == "queued"
 
 
 async def test_health_and_readiness(client) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from consumers.status import StatusProcessor
 from core import lifecycle
-from core.events import GenerationRequested, JobStatus
+from core.events import GenerationRequested, JobStatus, UserEvent
 from core.lifecycle import Status
 from core.runtime import Runtime
 from core.storage import original_key
@@ -78,6 +78,9 @@ async def test_retry_of_a_failed_generation_starts_a_new_attempt(
     entries = await rt.redis.xrange(rt.settings.keys.requested)
     last = GenerationRequested.model_validate_json(entries[-1][1][b"__data__"])
     assert (str(last.generation_id), last.attempt) == (gid, 2)
+    notices = await rt.redis.xrange(rt.settings.keys.user_events(alice.user_id))
+    queued = UserEvent.model_validate_json(notices[-1][1][b"__data__"])
+    assert (queued.type, queued.generation["attempt"]) == ("generation.queued", 2)
 
 
 @pytest.mark.parametrize("status", ["queued", "processing", "completed", "cancelled"])

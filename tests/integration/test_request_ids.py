@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from structlog.testing import capture_logs
 
+from core.api.events import hub_key
 from core.runtime import Runtime
 from tests.conftest import UserAuth, running, wait_for_status
 
@@ -23,6 +24,8 @@ def _lines(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 async def test_an_incoming_request_id_is_honoured_returned_and_logged(
     client, alice: UserAuth
 ) -> None:
+    # The events hub logs its own connection from a background task: not a request line.
+    await client.app[hub_key].connected.wait()
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         resp = await client.post(
             "/api/v1/generations", json=BODY, headers={**alice.headers, "X-Request-ID": "abc-123"}
