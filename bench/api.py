@@ -61,7 +61,9 @@ from e2e import (
     ROOT,
     BenchError,
     CpuMeter,
+    HttpConn,
     Procs,
+    RawClient,
     calibrate,
     cpu_percent,
     free_port,
@@ -87,87 +89,6 @@ PROMPT_TAIL = "a lighthouse on a cliff at dusk, volumetric light, oil painting, 
 
 # --------------------------------------------------------------------------- load generator
 # Runs in its own process (``--loadgen SPEC``): it prints one JSON object on stdout.
-
-
-class HttpConn(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time, Content-Length bodies
-    only (every gengui JSON response has one). Cheap enough that the server, not the
-    client, is what a run measures."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            return
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buf[:end]).lower()
-        at = head.find(b"\r\ncontent-length:")
-        if at < 0:
-            waiter.set_exception(ConnectionError("response without Content-Length"))
-            return
-        eol = head.find(b"\r\n", at + 2)
-        length = int(head[at + 17 : eol if eol >= 0 else len(head)])
-        total = end + 4 + length
-        if len(self.buf) < total:
-            return
-        status = int(head[9:12])
-        body = bytes(self.buf[end + 4 : total])
-        del self.buf[:total]
-        waiter.set_result((status, body))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc or ConnectionError("connection closed"))
-        self.transport = None
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        if self.transport is None:
-            raise ConnectionError("connection closed")
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
-        return await self.waiter
-
-
-class RawClient:
-    def __init__(self, host: str, port: int, token: str) -> None:
-        self.host, self.port = host, port
-        self.auth = f"Authorization: Bearer {token}\r\n".encode()
-        self.host_header = f"Host: {host}:{port}\r\n".encode()
-        self.conns: list[HttpConn] = []
-
-    async def connect(self) -> HttpConn:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(HttpConn, self.host, self.port)
-        self.conns.append(conn)
-        return conn
-
-    def build(self, method: str, path: str, body: bytes | None) -> bytes:
-        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.host_header + self.auth
-        if body is None:
-            return head + b"\r\n"
-        return (
-            head
-            + b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-
-    async def close(self) -> None:
-        for conn in self.conns:
-            if conn.transport is not None:
-                conn.transport.close()
 
 
 class AiohttpClient:

@@ -648,14 +648,123 @@ class Listener:
         await self.client.aclose()
 
 
-class Load:
-    """Submits generations over one HTTP session and waits for them to finish."""
+# A minimal HTTP/1.1 client for the load generators: aiohttp's client costs ~3x its CPU
+# per request (bench/README.md, `api.py`), and the load generator shares the machine.
 
-    def __init__(self, http: aiohttp.ClientSession, listener: Listener, args: argparse.Namespace):
+
+class HttpConn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time, Content-Length bodies
+    only (every gengui JSON response has one). Cheap enough that the server, not the
+    client, is what a run measures."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buf[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            waiter.set_exception(ConnectionError("response without Content-Length"))
+            return
+        eol = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : eol if eol >= 0 else len(head)])
+        total = end + 4 + length
+        if len(self.buf) < total:
+            return
+        status = int(head[9:12])
+        body = bytes(self.buf[end + 4 : total])
+        del self.buf[:total]
+        waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionError("connection closed"))
+        self.transport = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.transport is None:
+            raise ConnectionError("connection closed")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+class RawClient:
+    """Builds requests for one host and token, and keeps the connections it opened."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {token}\r\n".encode()
+        self.host_header = f"Host: {host}:{port}\r\n".encode()
+        self.conns: list[HttpConn] = []
+
+    async def connect(self) -> HttpConn:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(HttpConn, self.host, self.port)
+        self.conns.append(conn)
+        return conn
+
+    def build(self, method: str, path: str, body: bytes | None) -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.host_header + self.auth
+        if body is None:
+            return head + b"\r\n"
+        return (
+            head
+            + b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+class Load:
+    """Submits generations (``RawClient`` connections, one per POST in flight) and waits
+    for them to finish (pub/sub notices; ``http`` for the rare polls)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        listener: Listener,
+        args: argparse.Namespace,
+        *,
+        base_url: str,
+    ):
         self.http = http
         self.listener = listener
         self.args = args
         self.run_tag = secrets.token_hex(3)
+        url = urlsplit(base_url)
+        token = http.headers["Authorization"].removeprefix("Bearer ")
+        self.raw = RawClient(url.hostname or "127.0.0.1", url.port or 80, token)
+        self.idle: list[HttpConn] = []
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """One request on an idle keep-alive connection (a new one if none is idle)."""
+        conn = self.idle.pop() if self.idle else await self.raw.connect()
+        status, raw = await conn.request(self.raw.build("POST", path, body))
+        self.idle.append(conn)  # only after a whole answer: a failed one is dropped
+        return status, raw
+
+    async def aclose(self) -> None:
+        await self.raw.close()
 
     async def submit(self, index: int, intended: float | None = None) -> Submission:
         sent = time.perf_counter()
@@ -668,14 +777,14 @@ class Load:
             "seed": index,
         }
         try:
-            async with self.http.post("/api/v1/generations", json=body) as resp:
-                raw = await resp.read()
-                sub.answered = time.perf_counter()
-                if resp.status != 202:
-                    sub.error = f"HTTP {resp.status}: {raw[:200]!r}"
-                else:
-                    sub.generation_id = orjson.loads(raw)["id"]
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(60):
+                status, raw = await self.post("/api/v1/generations", orjson.dumps(body))
+            sub.answered = time.perf_counter()
+            if status != 202:
+                sub.error = f"HTTP {status}: {raw[:200]!r}"
+            else:
+                sub.generation_id = orjson.loads(raw)["id"]
+        except (OSError, TimeoutError) as exc:
             sub.answered = time.perf_counter()
             sub.error = repr(exc)
         return sub
@@ -1318,10 +1427,12 @@ async def run(args: argparse.Namespace) -> int:
         if args.reconciler:
             procs.start("reconciler", "reconciler")
         try:
-            async with user_session(
-                procs, base_url, f"bench-{token}@example.com", args.concurrency
-            ) as http:
-                load = Load(http, listener, args)
+            async with (
+                user_session(
+                    procs, base_url, f"bench-{token}@example.com", args.concurrency
+                ) as http,
+                contextlib.aclosing(Load(http, listener, args, base_url=base_url)) as load,
+            ):
                 await warm_up(load, procs, meter, args)
                 profiler = Profiler(
                     RESULTS_DIR / f"e2e-{stamp}-profile",

@@ -229,10 +229,12 @@ async def run(args: argparse.Namespace) -> int:
             worker += ["--concurrency", str(args.celery_concurrency)]
         procs.start_command("celery", worker)
         try:
-            async with user_session(
-                procs, base_url, f"bench-{token}@example.com", args.concurrency
-            ) as http:
-                load = Load(http, listener, args)
+            async with (
+                user_session(
+                    procs, base_url, f"bench-{token}@example.com", args.concurrency
+                ) as http,
+                contextlib.aclosing(Load(http, listener, args, base_url=base_url)) as load,
+            ):
                 await warm_up(load, procs, meter, args)
                 for name, kwargs in phase_plan(args):
                     results.append(await run_phase(name, load, procs, meter, args, **kwargs))
