@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import structlog
 
 from consumers.results import apply_outcome, report, report_failure
-from core import metrics
+from core import heartbeats, metrics
 from core.events import LocalJob
 from core.keys import GROUP_HOSTED
 from core.logging import get_logger
@@ -24,7 +24,6 @@ from core.runtime import Runtime, consumer_name
 from core.service import Loop, with_companions
 from core.streams import StreamConsumer, dedicated_client
 from providers.base import Failure, Job, SyncProvider, classify
-from providers.local.worker import heartbeat
 
 log = get_logger(__name__)
 
@@ -35,6 +34,7 @@ class HostedRunner:
         self.provider = provider
         self.limiter = limiter
         self.runner_id = consumer_name(f"hosted-{provider.name}")
+        self.in_hand = heartbeats.InHand()
 
     async def _wait_for_token(self, job: LocalJob) -> bool:
         """Wait for the provider's rate limit; False when the deadline comes first."""
@@ -52,6 +52,10 @@ class HostedRunner:
         structlog.contextvars.bind_contextvars(
             generation_id=str(job.generation_id), attempt=job.attempt
         )
+        with self.in_hand.holding(job.generation_id, job.attempt):
+            await self._run(job)
+
+    async def _run(self, job: LocalJob) -> None:
         name, gid, attempt = self.provider.name, job.generation_id, job.attempt
         if job.deadline_at is not None and job.deadline_at <= datetime.now(UTC):
             failure = Failure(False, "timed_out", "deadline passed before the call started")
@@ -119,7 +123,7 @@ def hosted_loops(
         )
 
         async def beat(stop: asyncio.Event, runner: HostedRunner = runner) -> None:
-            await heartbeat(rt, runner.runner_id, stop)
+            await heartbeats.beat(rt, runner.runner_id, runner.in_hand, stop)
 
         # The heartbeat outlives the stop request until the calls in flight are done.
         loops[f"hosted:{name}"] = with_companions(consumer.run, beat)

@@ -18,13 +18,14 @@ Recoveries (each logged as ``reconciler.recovered`` with a reason):
 - ``retry``: a job that is gone -> a new attempt with backoff, or ``failed``
   (``exhausted``) after the last one. Gone means: a queue job whose stream holds no
   backlog any more (the message was lost), a processing job whose runner's
-  heartbeat stopped, or a remote job that never got a provider id;
+  heartbeat stopped or no longer names it (the runner finished it but its report was
+  lost: ``core.heartbeats``), or a remote job that never got a provider id;
 - ``deadline``: past ``deadline_at`` -> ``failed`` (``timed_out``), and the provider's
   job is cancelled;
 - ``thumbnail``: completed without a thumbnail after a grace period -> asked again.
 
 A job that is merely slow is left alone: a queue with a backlog, a worker still
-heartbeating, a remote job still running. Its deadline bounds it.
+heartbeating with the job in hand, a remote job still running. Its deadline bounds it.
 
 A tick's cost is per kind of row, not per row: the leased rows are sorted into kinds
 and each kind is settled in a few round trips whatever its size (one pipeline of
@@ -53,7 +54,7 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from consumers.results import apply_outcome
-from core import lifecycle, metrics
+from core import heartbeats, lifecycle, metrics
 from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested, UserEventType
 from core.keys import GROUP_GPU_WORKERS, GROUP_HOSTED
 from core.lifecycle import Status
@@ -123,7 +124,7 @@ _EXTEND = """
 # (one index probe per row on ``ix_generation_events_generation``). A row without one
 # has no runner.
 _RUNNERS = """
-    SELECT r.id, last.source
+    SELECT r.id, r.attempt, last.source
       FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
      CROSS JOIN LATERAL (
          SELECT e.detail->>'source' AS source FROM generation_events e
@@ -280,7 +281,8 @@ class Reconciler:
         return dict(zip(names, await asyncio.gather(*map(self._has_backlog, names)), strict=True))
 
     async def _runners_alive(self, rows: Sequence[asyncpg.Record]) -> set[UUID]:
-        """Ids of the rows whose runner still heartbeats."""
+        """Ids of the rows whose runner still heartbeats and names the job as in hand
+        (``core.heartbeats``): a finished job whose report was lost is not alive."""
         if not rows:
             return set()
         runners = await self.rt.pool.fetch(
@@ -290,13 +292,14 @@ class Reconciler:
         if not sources:
             return set()
         keys = self.rt.settings.keys
-        # A few workers run many jobs: one EXISTS per worker, all in one round trip.
-        async with self.rt.redis.pipeline(transaction=False) as pipe:
-            for source in sources:
-                pipe.exists(keys.worker_heartbeat(source))
-            beating = await pipe.execute()
-        live = {s for s, n in zip(sources, beating, strict=True) if n}
-        return {r["id"] for r in runners if r["source"] in live}
+        # A few workers run many jobs: one GET per worker, all in one round trip.
+        beats = await self.rt.redis.mget([keys.worker_heartbeat(source) for source in sources])
+        beat = dict(zip(sources, beats, strict=True))
+        return {
+            r["id"]
+            for r in runners
+            if heartbeats.holds(beat.get(r["source"]), r["id"], r["attempt"])
+        }
 
     async def _poll(self, row: asyncpg.Record) -> str | None:
         """Ask the provider about one job and apply what it says. A job still running is

@@ -1,0 +1,88 @@
+"""Runner heartbeats name the jobs in hand; the reconciler retries a finished job whose
+report was lost even though its runner is alive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from core import heartbeats, lifecycle
+from core.heartbeats import InHand, holds
+from core.lifecycle import Status
+from core.runtime import Runtime
+from reconciler.loop import Reconciler
+from tests.conftest import UserAuth
+from tests.integration.test_reconciler import _generation, _row
+
+
+async def _value(rt: Runtime, runner: str) -> dict[str, object] | None:
+    raw = await rt.redis.get(rt.settings.keys.worker_heartbeat(runner))
+    return json.loads(raw) if raw is not None else None
+
+
+async def _until(predicate, limit_s: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(limit_s):
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_beat_names_the_jobs_in_hand_and_goes_on_stop(rt: Runtime) -> None:
+    in_hand = InHand()
+    stop = asyncio.Event()
+    task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))
+    gid = uuid.uuid4()
+    await _until(lambda: _value(rt, "w1"))
+    with in_hand.holding(gid, 2):
+        # Published at once, not at the next regular beat (worker_heartbeat_s).
+        async def listed() -> bool:
+            value = await _value(rt, "w1")
+            return value is not None and value["jobs"] == [f"{gid}:2"]
+
+        await _until(listed, limit_s=1.0)
+    stop.set()
+    await task
+    assert await _value(rt, "w1") is None
+
+
+def test_holds_reads_the_jobs_and_trusts_an_older_runner() -> None:
+    gid = uuid.uuid4()
+    value = json.dumps({"at": "2026-11-23T00:00:00+00:00", "jobs": [f"{gid}:1"]})
+    assert holds(value, gid, 1)
+    assert not holds(value, gid, 2)  # an older or newer attempt is not this job
+    assert not holds(value, uuid.uuid4(), 1)
+    assert not holds(None, gid, 1)
+    assert holds("2026-11-23T00:00:00+00:00", gid, 1)  # the format before job lists
+
+
+async def test_a_live_runner_that_no_longer_holds_a_job_gets_it_retried(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """Both jobs were taken by w1, which still beats; it still works on one, and finished
+    the other, whose completed report was lost. Only that one gets a new attempt."""
+    held = await _generation(rt, alice, status="submitted")
+    lost = await _generation(rt, alice, status="submitted")
+    for gid in (held, lost):
+        assert await lifecycle.transition(
+            rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w1"}
+        )
+    await rt.pool.execute("UPDATE generations SET next_check_at = now()")
+    in_hand = InHand()
+    stop = asyncio.Event()
+    task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))
+    try:
+        with in_hand.holding(held, 1):
+
+            async def listed() -> bool:
+                value = await _value(rt, "w1")
+                return value is not None and value["jobs"] == [f"{held}:1"]
+
+            await _until(listed)
+            counts = await Reconciler(rt).tick()
+    finally:
+        stop.set()
+        await task
+    assert counts["retry"] == 1
+    kept, retried = await _row(rt, held), await _row(rt, lost)
+    assert (kept["status"], kept["attempt"]) == ("processing", 1)
+    assert (retried["status"], retried["attempt"]) == ("queued", 2)
