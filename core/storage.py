@@ -140,7 +140,11 @@ class LocalStorage:
             raise ValueError(f"storage key escapes the storage root: {key!r}")
         return path
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def write(self, key: str, data: bytes) -> None:
+        """``put``, blocking: for a caller already off the event loop (the local worker
+        stores on its engine thread, one thread hop per job instead of two). Returns
+        once the object and its directory entry are on disk."""
+        path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
         try:
@@ -165,7 +169,8 @@ class LocalStorage:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # content_type is not stored: the API derives it from the key's extension.
-        await asyncio.to_thread(self._write, self._path(key), data)
+        # One hop for the whole put: resolving the path also touches the filesystem.
+        await asyncio.to_thread(self.write, key, data)
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)

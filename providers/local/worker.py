@@ -2,46 +2,145 @@
 image, reports ``processing`` then ``completed`` (or ``failed``) on ``gengui:job:status``.
 
 A worker needs Redis and the object store, never the database. It heartbeats a key
-with a TTL so the reconciler can tell a slow job from a dead worker. On stop it
-finishes the job in hand; entries it had not started stay pending and are reclaimed.
+with a TTL that names the jobs in hand (``core.heartbeats``), so the reconciler can tell
+a slow job from a dead worker or a lost report. On stop it finishes the job in hand;
+entries it had not started stay pending and are reclaimed.
+
+It runs ``GENGUI_WORKER_CONCURRENCY`` jobs at once, each on a thread of its own that
+renders, checks and stores the image: one thread hop per job. Reports go through one
+ordered sender, so the reports of all the jobs in hand share round trips (a few per
+batch of jobs, not two per job) and a job's ``processing`` is on the stream before its
+``completed`` is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from core import heartbeats
 from core.events import JobStatus, LocalJob
 from core.imaging import ImageRejected, sniff_image
 from core.keys import GROUP_GPU_WORKERS
 from core.logging import get_logger
 from core.runtime import Runtime, consumer_name
 from core.service import Loop, with_companions
-from core.storage import original_key
-from core.streams import StreamConsumer, dedicated_client
-from providers.local.engines import Engine
+from core.storage import LocalStorage, original_key
+from core.streams import Publisher, StreamConsumer, dedicated_client
+from providers.local.engines import Engine, ProgressFn
 
 log = get_logger(__name__)
 
 
+class ReportSender:
+    """Sends reports to one stream in the order they were queued. Reports queued in one
+    loop turn, or while a send is in flight, go out together as the next send (one
+    ``Publisher.send_many``): one round trip for what every job in hand had to say."""
+
+    def __init__(self, publisher: Publisher, stream: str) -> None:
+        self._publisher = publisher
+        self._stream = stream
+        self._queue: list[tuple[JobStatus, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def send(self, message: JobStatus) -> asyncio.Future[None]:
+        """Queue ``message``; the future is done once it is on the stream, or fails with
+        the error of the send that carried it."""
+        sent = asyncio.get_running_loop().create_future()
+        self._queue.append((message, sent))
+        if self._flusher is None or self._flusher.done():
+            # Starts on the next loop turn: everything queued in this one goes with it.
+            self._flusher = asyncio.create_task(self._flush())
+        return sent
+
+    async def _flush(self) -> None:
+        # One send at a time, oldest reports first: that is what keeps them in order.
+        while self._queue:
+            batch, self._queue = self._queue, []
+            error: Exception | None = None
+            try:
+                await self._publisher.send_many(self._stream, [message for message, _ in batch])
+            except asyncio.CancelledError:
+                for _, sent in batch:
+                    sent.cancel()
+                raise
+            except Exception as exc:
+                error = exc
+            for _, sent in batch:
+                if sent.done():  # its waiter was cancelled
+                    continue
+                if error is None:
+                    sent.set_result(None)
+                else:
+                    sent.set_exception(error)
+
+
+def _best_effort(sent: asyncio.Future[None]) -> None:
+    # A lost progress report changes nothing that matters; read its error so asyncio
+    # does not log it as never retrieved.
+    if not sent.cancelled():
+        sent.exception()
+
+
 class Worker:
-    def __init__(self, rt: Runtime, engine: Engine) -> None:
+    def __init__(self, rt: Runtime, engine: Engine, *, concurrency: int = 1) -> None:
         self.rt = rt
         self.engine = engine
         self.worker_id = consumer_name("worker")
+        self.in_hand = heartbeats.InHand()
+        self._reports = ReportSender(rt.publisher, rt.settings.keys.job_status)
+        # One thread per job in hand: each spends part of its time waiting on fsync, so
+        # the loop's default pool (cpu + 4 threads) would cap a larger concurrency.
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
 
-    async def _report(self, job: LocalJob, **fields: Any) -> None:
-        message = JobStatus(
+    def _status(self, job: LocalJob, **fields: Any) -> JobStatus:
+        return JobStatus(
             generation_id=job.generation_id,
             attempt=job.attempt,
             source=self.worker_id,
             **fields,
         )
-        await self.rt.publisher.send(self.rt.settings.keys.job_status, message)
+
+    async def _report(self, job: LocalJob, **fields: Any) -> None:
+        await self._reports.send(self._status(job, **fields))
+
+    def _progress(self, job: LocalJob, fraction: float) -> None:
+        sent = self._reports.send(self._status(job, state="progress", progress=fraction))
+        sent.add_done_callback(_best_effort)
+
+    def _make_image(
+        self, job: LocalJob, progress: ProgressFn, loop: asyncio.AbstractEventLoop
+    ) -> dict[str, Any]:
+        """On an engine thread: render, check and store the image; returns the fields of
+        the final report. An engine's error is reported (failed); a storage error is
+        raised, as from ``Storage.put``: nothing is reported and the job is not acked."""
+        try:
+            data = self.engine.generate(job, progress)
+            ext, content_type = sniff_image(data)
+        except ImageRejected as exc:
+            return {"state": "failed", "error_code": exc.code, "error_message": str(exc)}
+        except Exception as exc:
+            log.exception("worker.engine_failed")
+            return {
+                "state": "failed",
+                "error_code": "engine_error",
+                "error_message": repr(exc)[:500],
+                "retryable": True,
+            }
+        key = original_key(job.user_id, job.generation_id, job.attempt, ext)
+        storage = self.rt.storage
+        if isinstance(storage, LocalStorage):
+            storage.write(key, data)
+        else:
+            asyncio.run_coroutine_threadsafe(storage.put(key, data, content_type), loop).result()
+        log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
+        return {"state": "completed", "image_key": key, "content_type": content_type}
 
     async def handle(self, job: LocalJob) -> None:
         structlog.contextvars.bind_contextvars(
@@ -55,57 +154,38 @@ class Worker:
                 error_message="deadline passed before the job started",
             )
             return
+        with self.in_hand.holding(job.generation_id, job.attempt):
+            await self._run(job)
+
+    async def _run(self, job: LocalJob) -> None:
         await self._report(job, state="processing")
         loop = asyncio.get_running_loop()
 
         def progress(fraction: float) -> None:
-            # Called from the engine's thread.
-            asyncio.run_coroutine_threadsafe(
-                self._report(job, state="progress", progress=fraction), loop
-            )
+            # Called from the engine's thread; queued before the final report.
+            loop.call_soon_threadsafe(self._progress, job, fraction)
 
+        # As asyncio.to_thread does (the log context goes along), on this worker's threads.
+        make = functools.partial(
+            contextvars.copy_context().run, self._make_image, job, progress, loop
+        )
+        await self._report(job, **await loop.run_in_executor(self._threads, make))
+
+    async def consume(self, consumer: StreamConsumer[LocalJob], stop: asyncio.Event) -> None:
+        """Run ``consumer`` on this worker's threads, released when it returns."""
         try:
-            data = await asyncio.to_thread(self.engine.generate, job, progress)
-            ext, content_type = sniff_image(data)
-        except ImageRejected as exc:
-            await self._report(job, state="failed", error_code=exc.code, error_message=str(exc))
-            return
-        except Exception as exc:
-            log.exception("worker.engine_failed")
-            await self._report(
-                job,
-                state="failed",
-                error_code="engine_error",
-                error_message=repr(exc)[:500],
-                retryable=True,
-            )
-            return
-        key = original_key(job.user_id, job.generation_id, job.attempt, ext)
-        await self.rt.storage.put(key, data, content_type)
-        await self._report(job, state="completed", image_key=key, content_type=content_type)
-        log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
+            await consumer.run(stop)
+        finally:
+            # A job cancelled by a hard stop may still hold its thread: do not wait for it.
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
-        await heartbeat(self.rt, self.worker_id, stop)
-
-
-async def heartbeat(rt: Runtime, worker_id: str, stop: asyncio.Event) -> None:
-    """Keep ``worker:{id}`` alive while this runner lives; the reconciler reads it to
-    tell a long job from a dead runner. Removed on a clean stop."""
-    key = rt.settings.keys.worker_heartbeat(worker_id)
-    interval = rt.settings.worker_heartbeat_s
-    while not stop.is_set():
-        with contextlib.suppress(Exception):
-            await rt.redis.set(key, datetime.now(UTC).isoformat(), ex=max(1, int(interval * 3)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
-    with contextlib.suppress(Exception):
-        await rt.redis.delete(key)
+        await heartbeats.beat(self.rt, self.worker_id, self.in_hand, stop)
 
 
 def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
-    worker = Worker(rt, engine)
     n = rt.settings.worker_concurrency
+    worker = Worker(rt, engine, concurrency=n)
     consumer = StreamConsumer(
         dedicated_client(rt.redis_url),
         rt.redis,
@@ -127,4 +207,8 @@ def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
     )
 
     # The heartbeat outlives the stop request until the job in hand is finished.
-    return {"worker:consume": with_companions(consumer.run, worker.heartbeat)}
+    return {
+        "worker:consume": with_companions(
+            functools.partial(worker.consume, consumer), worker.heartbeat
+        )
+    }

@@ -356,29 +356,33 @@ async def processing_by(pool: asyncpg.Pool, user_id: uuid.UUID, source: str) -> 
 
 
 async def stop_mid_job(
-    stack: Procs, pool: asyncpg.Pool, user_id: uuid.UUID, name: str
+    stack: Procs, pool: asyncpg.Pool, user_id: uuid.UUID, name: str, at_least: int = 1
 ) -> tuple[str, set[uuid.UUID]]:
-    """Wait until worker ``name`` has a job in hand, SIGTERM it, check it exits 0;
-    returns its consumer name and the jobs that were in hand."""
+    """Wait until worker ``name`` has ``at_least`` jobs in hand, SIGTERM it, check it
+    exits 0; returns its consumer name and the jobs that were in hand."""
     worker = consumer_id("worker", stack.procs[name])
     async with asyncio.timeout(SETTLE_WITHIN_S):
-        while not (in_hand := await processing_by(pool, user_id, worker)):
+        while len(in_hand := await processing_by(pool, user_id, worker)) < at_least:
             await asyncio.sleep(0.02)
     assert await stop(stack, name) == 0
     return worker, in_hand
 
 
+# (jobs one worker runs at once, jobs in hand at the SIGTERM): with 4, the stop waits
+# until two are in hand at once (a read finds only what was queued by then).
+@pytest.mark.parametrize(("concurrency", "in_hand_at_stop"), [(1, 1), (4, 2)])
 async def test_worker_sigterm_finishes_the_job_in_hand_and_leaves_the_rest(
-    stack: Procs, pool: asyncpg.Pool
+    stack: Procs, pool: asyncpg.Pool, concurrency: int, in_hand_at_stop: int
 ) -> None:
-    """A worker stopped mid-job completes that job under its attempt and exits 0; the
-    jobs it had not started are run by the next worker; one image each."""
+    """A worker stopped mid-job completes the jobs in hand under their attempt and exits
+    0; the jobs it had not started are run by the next worker; one image each."""
     n = 6
+    stack.env["GENGUI_WORKER_CONCURRENCY"] = str(concurrency)
     try:
         start_slow_worker(stack, "worker", delay_s=2.0)
         user_id, token = await start(stack, ("api", "api"), ("consumers", "consumers"))
         await submit(base_url(stack), token, n)
-        first, in_hand = await stop_mid_job(stack, pool, user_id, "worker")
+        first, in_hand = await stop_mid_job(stack, pool, user_id, "worker", in_hand_at_stop)
         second = consumer_id("worker", stack.start("worker2", "worker"))
         done = await wait_all_completed(pool, user_id, n)
         assert_one_image_each(stack, user_id, done)
@@ -386,7 +390,7 @@ async def test_worker_sigterm_finishes_the_job_in_hand_and_leaves_the_rest(
 
         evs = await events(pool, user_id)
         completed = completed_once(evs)
-        # The job in hand at SIGTERM was finished by the stopping worker itself.
+        # The jobs in hand at SIGTERM were finished by the stopping worker itself.
         assert all(completed[g]["source"] == first for g in in_hand)
         # What it had not started went to the next worker; each job ran on exactly one
         # (a fast job's processing report may lose its race with its completed report
