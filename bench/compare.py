@@ -41,7 +41,7 @@ SERVERS = ("postgres", "redis")
 
 def load_args(args: argparse.Namespace) -> list[str]:
     """The load-generator arguments both runs get."""
-    out = ["--size", str(args.size), "--warmup", str(args.warmup)]
+    out = ["--size", str(args.size), "--warmup", str(args.warmup), "--engine", args.engine]
     if args.rates:
         out += ["--rates", args.rates, "--duration", str(args.duration)]
     else:
@@ -128,6 +128,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", help="open loop: comma-separated POST rates instead")
     p.add_argument("--duration", type=float, default=10.0, help="open loop: seconds per rate")
     p.add_argument("--size", type=int, default=256, help="image side (the smallest allowed)")
+    p.add_argument(
+        "--engine",
+        choices=["placeholder", "instant"],
+        default="placeholder",
+        help="both stacks render with gengui's placeholder, or return its instant tiny PNG",
+    )
     p.add_argument("--warmup", type=int, default=20, help="generations before measuring")
     p.add_argument("--rounds", type=int, default=1, help="rounds; even rounds swap the order")
     p.add_argument("--celery-python", default="/tmp/celery-venv/bin/python")

@@ -1219,6 +1219,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="closed loop: generations to submit")
     p.add_argument("--concurrency", type=int, default=64, help="closed loop: POSTs in flight")
+    p.add_argument(
+        "--engine",
+        choices=["placeholder", "instant"],
+        default="placeholder",
+        help="the workers' engine: placeholder (a 256 px picture) or instant (one tiny PNG)",
+    )
     p.add_argument("--rate", type=float, help="open loop: POSTs per second")
     p.add_argument("--rates", help="open loop: comma-separated rates, run in sequence")
     p.add_argument("--duration", type=float, default=10.0, help="open loop: seconds per rate")
@@ -1422,7 +1428,7 @@ async def run(args: argparse.Namespace) -> int:
                 "worker" if args.workers == 1 else f"worker{i + 1}",
                 "worker",
                 "--engine",
-                "placeholder",
+                args.engine,
             )
         if args.reconciler:
             procs.start("reconciler", "reconciler")

@@ -212,8 +212,12 @@ class Settings(BaseSettings):
     image_url_ttl_s: int = Field(300, ge=1, description="Lifetime of presigned image URLs.")
 
     # Local GPU workers.
-    worker_engine: Literal["placeholder", "diffusers"] = Field(
-        "placeholder", description="Engine a local GPU worker runs."
+    worker_engine: Literal["placeholder", "diffusers", "instant"] = Field(
+        "placeholder",
+        description=(
+            "Engine a local GPU worker runs: `placeholder` draws a picture of the prompt, "
+            "`diffusers` runs a local model, `instant` returns one tiny PNG (load tests)."
+        ),
     )
     worker_model_dir: Path | None = Field(
         None,

@@ -103,6 +103,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="closed loop: generations to submit")
     p.add_argument("--concurrency", type=int, default=64, help="closed loop: POSTs in flight")
+    p.add_argument(
+        "--engine",
+        choices=["placeholder", "instant"],
+        default="placeholder",
+        help="what generate renders: gengui's placeholder or its instant engine's tiny PNG",
+    )
     p.add_argument("--rate", type=float, help="open loop: POSTs per second")
     p.add_argument("--rates", help="open loop: comma-separated rates, run in sequence")
     p.add_argument("--duration", type=float, default=10.0, help="open loop: seconds per rate")
@@ -195,6 +201,7 @@ async def run(args: argparse.Namespace) -> int:
             BENCH_IMAGES_DIR=str(tmp / "data" / "images"),
             BENCH_PORT=str(port),
             BENCH_PROCESSING_REPORT="0" if args.no_processing_report else "1",
+            BENCH_ENGINE=args.engine,
             PYTHONPATH=str(ROOT),
         )
         logs = tmp / "logs"

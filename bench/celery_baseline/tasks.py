@@ -51,16 +51,24 @@ app.conf.update(
 
 
 def _placeholder() -> Any:
-    """gengui's placeholder renderer, loaded from its file (no gengui imports)."""
+    """gengui's placeholder module, loaded from its file (no gengui imports)."""
     path = ROOT / "providers" / "local" / "engines" / "placeholder.py"
     spec = importlib.util.spec_from_file_location("gengui_placeholder", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.render_placeholder
+    return module
 
 
-render_placeholder = _placeholder()
+_PLACEHOLDER = _placeholder()
+# BENCH_ENGINE=instant: gengui's instant engine (one tiny PNG), as `gengui worker --engine`.
+if os.environ.get("BENCH_ENGINE", "placeholder") == "instant":
+
+    def render_placeholder(*_: Any) -> bytes:
+        return bytes(_PLACEHOLDER.tiny_png())
+
+else:
+    render_placeholder = _PLACEHOLDER.render_placeholder
 
 # One connection per worker process, opened on first use (after the prefork fork).
 _db: psycopg.Connection[dict[str, Any]] | None = None

@@ -71,3 +71,26 @@ def test_non_ascii_and_empty_prompts_render(prompt: str) -> None:
 def test_invalid_sizes_are_refused(size: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="width and height"):
         render_placeholder("x", None, size[0], size[1], 0)
+
+
+def test_instant_engine_returns_one_tiny_valid_png_at_once() -> None:
+    import uuid
+
+    from core.events import LocalJob
+    from core.imaging import sniff_image
+    from providers.local.engines import load_engine
+
+    engine = load_engine("instant")
+    job = LocalJob(
+        generation_id=uuid.uuid4(),
+        attempt=1,
+        user_id=uuid.uuid4(),
+        prompt="anything",
+        width=1024,
+        height=1024,
+        seed=1,
+    )
+    data = engine.generate(job, lambda _: None)
+    assert sniff_image(data) == ("png", "image/png")
+    assert _open_png(data).size == (8, 8) and len(data) < 100
+    assert engine.generate(job, lambda _: None) == data

@@ -31,11 +31,25 @@ class PlaceholderEngine:
         return render_placeholder(job.prompt, job.negative_prompt, job.width, job.height, job.seed)
 
 
+class InstantEngine:
+    """Not AI and not even a picture of the prompt: the same tiny PNG at once, for load
+    tests of the pipeline (``bench/e2e.py --engine instant``)."""
+
+    name = "instant"
+
+    def generate(self, job: LocalJob, progress: ProgressFn) -> bytes:
+        from providers.local.engines.placeholder import tiny_png
+
+        return tiny_png()
+
+
 def load_engine(name: str, settings: Settings | None = None) -> Engine:
     """Build the engine called ``name``. ``diffusers`` reads its model directory,
     device and steps from ``settings`` and loads the model now (blocking, seconds)."""
     if name == "placeholder":
         return PlaceholderEngine()
+    if name == "instant":
+        return InstantEngine()
     if name == "diffusers":
         from providers.local.engines.diffusers import DiffusersEngine, EngineUnavailable
 

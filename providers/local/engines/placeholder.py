@@ -162,3 +162,10 @@ def render_placeholder(
     _caption(draw, width, height, prompt)
     # Level 1, no filters: placeholder PNGs are throwaway; speed beats size.
     return _encode_png(image)
+
+
+@functools.cache
+def tiny_png() -> bytes:
+    """The ``instant`` engine's image, the same for every job: an 8x8 grey PNG (a few
+    dozen bytes), so a load test measures the pipeline rather than a renderer."""
+    return _encode_png(Image.new("RGB", (8, 8), (128, 128, 128)))
