@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a local GPU worker")
     worker.add_argument(
         "--engine",
-        choices=("placeholder", "diffusers"),
+        choices=("placeholder", "diffusers", "instant"),
         help="engine name (default GENGUI_WORKER_ENGINE)",
     )
     reconciler = sub.add_parser("reconciler", help="the recovery loops")
