@@ -393,20 +393,14 @@ class Reconciler:
 
     async def _deadlines(self) -> int:
         rows = await self.rt.pool.fetch(_PAST_DEADLINE, BATCH)
-        moved = await asyncio.gather(
-            *(
-                lifecycle.transition(
-                    self.rt.pool,
-                    row["id"],
-                    attempt=row["attempt"],
-                    to=Status.FAILED,
-                    error_code="timed_out",
-                    error_message="the generation did not finish before its deadline",
-                )
-                for row in rows
-            )
-        )
-        ended = [(row, f) for row, f in zip(rows, moved, strict=True) if f is not None]
+        timed_out = {
+            "error_code": "timed_out",
+            "error_message": "the generation did not finish before its deadline",
+        }
+        changes = [lifecycle.Change(row["id"], row["attempt"], timed_out) for row in rows]
+        moved = await lifecycle.transition_many(self.rt.pool, Status.FAILED, changes)
+        by_id = {row["id"]: row for row in rows}
+        ended = [(by_id[failed["id"]], failed) for failed in moved]
         await self._cancel_at_providers([row for row, _ in ended])
         await self._clear([failed for _, failed in ended])
         await notify_many(self.rt.publisher, [(failed, "generation.failed") for _, failed in ended])

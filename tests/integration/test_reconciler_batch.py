@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import aiohttp
-from aiohttp import web
 from pydantic import SecretStr
 
 from core import lifecycle
@@ -26,6 +25,7 @@ from providers.mock.server import create_mock_app
 from providers.registry import ProviderSet, open_providers
 from reconciler.loop import BATCH, Reconciler
 from tests.conftest import UserAuth
+from tests.integration.test_provider_pipeline import _serve
 from tests.integration.test_reconciler import _requested, _row
 
 _INSERT = """
@@ -200,15 +200,6 @@ async def test_many_rows_past_deadline_fail_in_one_tick(rt: Runtime, alice: User
     cancels = [ProviderCancel.model_validate_json(f[DATA_FIELD]) for _, f in entries]
     assert sorted(c.generation_id for c in cancels) == sorted(remote)
     assert await _notices(rt, alice) == {"generation.failed": len(ids)}
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 @contextlib.asynccontextmanager
