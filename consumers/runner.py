@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from consumers.cancels import Canceller
@@ -34,6 +34,10 @@ from providers.registry import ProviderSet
 ROLES = ("dispatch", "status", "thumbnails", "results", "cancels", "hosted")
 
 
+def _generation(report: JobStatus) -> Hashable:
+    return report.generation_id
+
+
 def consumer_loops(
     rt: Runtime, providers: ProviderSet | None = None, roles: Iterable[str] = ROLES
 ) -> dict[str, Loop]:
@@ -46,6 +50,7 @@ def consumer_loops(
         spec: tuple[str, str, type[Any], Any, dict[str, Any]]
         handler: Any
         batch_handler: Any = None  # where bulk handling pays: see StreamConsumer
+        order_key: Any = None  # with a pipeline: whose messages must stay in order
         if role == "dispatch":
             dispatcher = Dispatcher(rt, providers, limiter)
             batch_handler = dispatcher.handle_batch
@@ -53,7 +58,9 @@ def consumer_loops(
         elif role == "status":
             processor = StatusProcessor(rt)
             batch_handler = processor.handle_batch
-            spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, {})
+            order_key = _generation
+            pipeline = {"pipeline": rt.settings.consumer_pipeline}
+            spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, pipeline)
         elif role == "thumbnails":
             # CPU-bound: one thread per core is all concurrency buys here.
             handler = Thumbnailer(rt).handle
@@ -80,6 +87,7 @@ def consumer_loops(
             schema,
             handler,
             batch_handler,
+            order_key,
         )
         loops[f"consumer:{role}"] = consumer.run
     return loops

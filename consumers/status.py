@@ -135,11 +135,12 @@ class StatusProcessor:
         ]
         rows = await lifecycle.transition_many(self.rt.pool, Status.COMPLETED, changes)
         won = {row["id"] for row in rows}
-        await self._discard_unused_images([r for r in reports if r.generation_id not in won])
-        if not rows:
-            return
-        await self._observe_durations(rows)
-        await self._clear_leftovers(rows)
+        # Independent of each other (Postgres, the store): side by side, not in series.
+        await asyncio.gather(
+            self._discard_unused_images([r for r in reports if r.generation_id not in won]),
+            self._observe_durations(rows),
+            self._clear_leftovers(rows),
+        )
         for row in rows:
             log.info("generation.completed", generation_id=str(row["id"]), attempt=row["attempt"])
             outbox.send(
@@ -176,6 +177,8 @@ class StatusProcessor:
                     )
 
     async def _observe_durations(self, rows: list[asyncpg.Record]) -> None:
+        if not rows:
+            return
         submitted = await self.rt.pool.fetch(
             _SUBMITTED_AT, [r["id"] for r in rows], [r["attempt"] for r in rows]
         )

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     consumer_block_ms: int = Field(
         1000, ge=1, description="How long one XREADGROUP waits for new entries."
     )
+    consumer_pipeline: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description=(
+            "Reads the status consumer applies at once: while one batch waits on Postgres "
+            "the next is applied, unless it reports on a generation still in flight."
+        ),
+    )
     consumer_concurrency: int = Field(
         16, ge=1, description="Messages handled at once per consumer."
     )

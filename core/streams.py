@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NewType, TypeVar, cast
 
@@ -114,6 +114,9 @@ class ConsumerConfig:
     # True where someone else owns retries (the reconciler, with a new attempt): idle
     # entries are then acked away instead of being run again under the same attempt.
     drop_idle: bool = False
+    # Reads applied at once (with an ``order_key``): while one batch waits on its
+    # statements the next is read and applied, unless it shares a key with one in flight.
+    pipeline: int = 1
 
 
 Handler = Callable[[M], Awaitable[None]]
@@ -131,6 +134,10 @@ class StreamConsumer(Generic[M]):
     through ``handler``. If the call raises, every message of the batch is run again
     alone, so one bad message fails only itself; handlers are idempotent, so the re-run
     is harmless.
+
+    With an ``order_key`` and ``config.pipeline`` > 1, up to ``pipeline`` reads are
+    applied at once; a read that shares a key (a generation) with one in flight waits
+    for it, so each key's messages are still applied in stream order.
     """
 
     reader: DedicatedRedis
@@ -139,6 +146,7 @@ class StreamConsumer(Generic[M]):
     schema: type[M]
     handler: Handler[M]
     batch_handler: BatchHandler[M] | None = None
+    order_key: Callable[[M], Hashable] | None = None
     _last_error: dict[bytes, str] = field(default_factory=dict)
     _series: StreamSeries = field(init=False, repr=False)
 
@@ -160,6 +168,8 @@ class StreamConsumer(Generic[M]):
         next_reclaim = 0.0
         backoff_s = 0.1
         stopping = asyncio.ensure_future(stop.wait())
+        inflight: dict[asyncio.Task[None], set[Hashable]] = {}
+        stopped = False
         try:
             while not stop.is_set():
                 try:
@@ -178,7 +188,7 @@ class StreamConsumer(Generic[M]):
                     if entries:
                         # A failed XACK here (Redis gone) leaves entries pending; they
                         # are handled again after a reclaim, which handlers allow.
-                        await self.process(entries)
+                        await self._handle(entries, inflight)
                     backoff_s = 0.1
                 except ResponseError as exc:
                     # NOGROUP on the next read, or UNBLOCKED for a read parked on the key
@@ -195,7 +205,15 @@ class StreamConsumer(Generic[M]):
                         await asyncio.wait_for(stop.wait(), backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
                     continue
+            stopped = True
         finally:
+            if inflight:
+                # Asked to stop: finish the batches in hand. Failing or cancelled:
+                # drop them; their entries stay pending and are reclaimed.
+                if not stopped:
+                    for task in inflight:
+                        task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
             stopping.cancel()
             # The consumer owns its dedicated connection: nothing else may use it.
             await self.reader.aclose()
@@ -218,11 +236,34 @@ class StreamConsumer(Generic[M]):
         await asyncio.gather(read, return_exceptions=True)
         return []
 
-    async def process(self, entries: Sequence[Entry]) -> None:
-        """Handle a batch: bounded concurrency, one XACK for everything that succeeded."""
-        cfg = self.config
-        sem = asyncio.Semaphore(cfg.concurrency)
-        done: list[bytes] = []
+    async def _handle(
+        self, entries: Sequence[Entry], inflight: dict[asyncio.Task[None], set[Hashable]]
+    ) -> None:
+        """Apply a read now, or, pipelined, start it once nothing in flight shares a key."""
+        key = self.order_key
+        if key is None or self.config.pipeline <= 1:
+            await self.process(entries)
+            return
+        messages = await self._parse(entries)
+        keys = {key(message) for _, message in messages}
+        while inflight:
+            blocking = [t for t, k in inflight.items() if k & keys]
+            if not blocking and len(inflight) < self.config.pipeline:
+                break
+            await asyncio.wait(blocking or inflight, return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in inflight if t.done()]:
+                del inflight[task]
+                if not task.cancelled() and task.exception() is not None:
+                    # Its entries stay pending and are reclaimed; this read goes on.
+                    log.warning(
+                        "consumer.batch_unacked",
+                        stream=self.config.stream,
+                        error=repr(task.exception()),
+                    )
+        inflight[asyncio.create_task(self._apply(messages))] = keys
+
+    async def _parse(self, entries: Sequence[Entry]) -> list[tuple[bytes, M]]:
+        """The entries' messages; one that does not parse is dead-lettered at once."""
         messages: list[tuple[bytes, M]] = []
         for entry_id, fields in entries:
             raw = (fields or {}).get(DATA_FIELD, b"")
@@ -231,6 +272,16 @@ class StreamConsumer(Generic[M]):
             except ValidationError as exc:
                 # Poison: no retry can fix it.
                 await self.dead_letter(entry_id, raw, deliveries=1, error=f"invalid: {exc}")
+        return messages
+
+    async def process(self, entries: Sequence[Entry]) -> None:
+        await self._apply(await self._parse(entries))
+
+    async def _apply(self, messages: list[tuple[bytes, M]]) -> None:
+        """Handle a batch: bounded concurrency, one XACK for everything that succeeded."""
+        cfg = self.config
+        sem = asyncio.Semaphore(cfg.concurrency)
+        done: list[bytes] = []
         batch = self.batch_handler
         if batch is not None and messages:
             left = await self._run_batch(batch, messages)

@@ -230,3 +230,51 @@ async def test_a_failing_batch_is_run_message_by_message(rt: Runtime) -> None:
     assert sorted(singles) == ["a", "bad", "c"]
     pending = await rt.redis.xpending(stream, group)
     assert pending["pending"] == 1
+
+
+async def test_pipelined_reads_overlap_but_keep_each_generations_order(rt: Runtime) -> None:
+    """pipeline=2, one message per read: A's first report waits (in its handler) until
+    B's has started, which only a second batch in flight allows; A's second report
+    starts only after A's first is done."""
+    stream, group = rt.settings.keys.job_status, "pipeline-test"
+    a, b = uuid.uuid4(), uuid.uuid4()
+    events: list[str] = []
+    b_started = asyncio.Event()
+
+    async def batch_handler(messages: Sequence[JobStatus]) -> list[JobStatus]:
+        [message] = messages
+        name = f"{'A' if message.generation_id == a else 'B'}{message.attempt}"
+        events.append(f"{name} start")
+        if name == "B1":
+            b_started.set()
+        if name == "A1":
+            await asyncio.wait_for(b_started.wait(), 5)
+        events.append(f"{name} end")
+        return []
+
+    async def handler(message: JobStatus) -> None:
+        raise AssertionError("the batch path handles everything here")
+
+    for gid, attempt in ((a, 1), (b, 1), (a, 2)):
+        report = JobStatus(generation_id=gid, attempt=attempt, state="processing")
+        await rt.redis.xadd(stream, encode(report))
+    consumer = StreamConsumer(
+        dedicated_client(rt.redis_url),
+        rt.redis,
+        rt.consumer_config(stream, group, "test", batch=1, pipeline=2),
+        JobStatus,
+        handler,
+        batch_handler,
+        lambda report: report.generation_id,
+    )
+    await consumer.ensure_group()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    async with asyncio.timeout(10):
+        while len(events) < 6:
+            await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert events.index("B1 start") < events.index("A1 end")  # two batches in flight
+    assert events.index("A1 end") < events.index("A2 start")  # A stays in order
+    assert (await rt.redis.xpending(stream, group))["pending"] == 0
