@@ -27,29 +27,9 @@ import asyncpg
 
 from core.errors import TooManyRequests
 from core.lifecycle import NON_TERMINAL
+from core.ratelimit import TokenBucket
 from core.settings import Settings
 from core.streams import SharedRedis
-
-# KEYS[1] bucket; ARGV: tokens per ms, burst. Refused requests spend nothing.
-_TAKE = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or burst
-local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local wait_ms = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait_ms = math.ceil((1 - tokens) / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
-return wait_ms
-"""
 
 # KEYS: account count, account lock, ip count, ip lock.
 # ARGV: account max, ip max, window ms, lockout ms. Returns ms to wait (0: go on).
@@ -111,14 +91,13 @@ class RequestLimiter:
     def __init__(self, redis: SharedRedis, prefix: str) -> None:
         self.redis = redis
         self.keys = LimitKeys(prefix)
-        self._take: Any = redis.register_script(_TAKE)
+        self._bucket = TokenBucket(redis)
 
     async def take(self, key: str, per_minute: int) -> float:
         """Seconds to wait before the next request may pass; 0.0: this one passes."""
         if per_minute <= 0:
             return 0.0
-        wait_ms = await self._take(keys=[key], args=[per_minute / 60_000, per_minute])
-        return int(wait_ms) / 1000
+        return await self._bucket.take(key, per_minute / 60, per_minute)
 
     async def check_user(self, user_id: UUID, per_minute: int) -> None:
         wait = await self.take(self.keys.user_rate(user_id), per_minute)

@@ -12,7 +12,8 @@ from typing import Any
 from core.keys import Keys
 from core.streams import SharedRedis
 
-# KEYS[1] bucket hash; ARGV: rate per s, burst, now (ms, from Redis TIME for one clock).
+# KEYS[1] bucket hash; ARGV: rate per s, burst. The clock is Redis's (TIME), one for
+# every replica. A refused take spends nothing; it says how long until a token is there.
 _TAKE = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -21,7 +22,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
 local wait_ms = 0
 if tokens >= 1 then
   tokens = tokens - 1
@@ -34,6 +35,18 @@ return wait_ms
 """
 
 
+class TokenBucket:
+    """Token buckets in Redis, one per key, shared by every replica."""
+
+    def __init__(self, redis: SharedRedis) -> None:
+        self._script: Any = redis.register_script(_TAKE)
+
+    async def take(self, key: str, rate_per_s: float, burst: float) -> float:
+        """Seconds to wait before a token is there; 0.0: this take got one."""
+        wait_ms = await self._script(keys=[key], args=[rate_per_s, burst])
+        return int(wait_ms) / 1000
+
+
 class RateLimiter:
     """``take(provider)`` -> seconds to wait before trying again; 0.0 means go."""
 
@@ -41,12 +54,11 @@ class RateLimiter:
         self.redis = redis
         self.keys = keys
         self.limits = limits
-        self._script: Any = redis.register_script(_TAKE)
+        self._bucket = TokenBucket(redis)
 
     async def take(self, provider: str) -> float:
         rate = self.limits.get(provider)
         if rate is None:
             return 0.0
-        burst = max(1.0, rate)  # at most one second's worth at once
-        wait_ms = await self._script(keys=[self.keys.rate(provider)], args=[rate, burst])
-        return int(wait_ms) / 1000
+        # At most one second's worth at once.
+        return await self._bucket.take(self.keys.rate(provider), rate, max(1.0, rate))
