@@ -96,6 +96,9 @@ _INSERT = """
 """
 
 
+_BY_KEY = "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2"
+
+
 async def create(
     pool: asyncpg.Pool,
     user_id: UUID,
@@ -117,50 +120,31 @@ async def create(
     """
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     request_hash = body.request_hash()
+    values = (
+        user_id,
+        body,
+        provider,
+        seed,
+        idempotency_key,
+        request_hash,
+        dispatch_grace,
+        deadline,
+        flag_rule,
+    )
     if limits is not None and limits.enforced:
         async with pool.acquire() as conn, conn.transaction():
             await lock_user(conn, user_id)
             if idempotency_key is not None:
-                existing = await conn.fetchrow(
-                    "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2",
-                    user_id,
-                    idempotency_key,
-                )
+                existing = await conn.fetchrow(_BY_KEY, user_id, idempotency_key)
                 if existing is not None:
                     return _replayed(existing, request_hash), False
             await check_generation_limits(conn, user_id, limits)
-            row = await _insert(
-                conn,
-                user_id,
-                body,
-                provider,
-                seed,
-                idempotency_key,
-                request_hash,
-                dispatch_grace,
-                deadline,
-                flag_rule,
-            )
+            row = await _insert(conn, *values)
     else:
-        row = await _insert(
-            pool,
-            user_id,
-            body,
-            provider,
-            seed,
-            idempotency_key,
-            request_hash,
-            dispatch_grace,
-            deadline,
-            flag_rule,
-        )
+        row = await _insert(pool, *values)
     if row is not None:
         return row, True
-    existing = await pool.fetchrow(
-        "SELECT * FROM generations WHERE user_id = $1 AND idempotency_key = $2",
-        user_id,
-        idempotency_key,
-    )
+    existing = await pool.fetchrow(_BY_KEY, user_id, idempotency_key)
     if existing is None:  # deleted between the two statements; vanishingly rare
         raise Conflict("retry the request", code="idempotency_conflict")
     return _replayed(existing, request_hash), False

@@ -17,9 +17,10 @@ agree on them for that answer to be right.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -252,3 +253,62 @@ async def _run_outbox(redis: SharedRedis, fields: list[bytes], *, maxlen: int) -
     except NoScriptError:  # first call since the server started (or SCRIPT FLUSH)
         ids = await redis.eval(_OUTBOX_LUA, 0, *args)
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+class OutboxQueue:
+    """One ``Outbox`` shared by many callers, sent for them together.
+
+    What callers add in one loop turn, or while a send is in flight, goes out with the
+    next script call: under load a round trip is paid per batch, not per caller. Sends
+    run one at a time, oldest items first, so items reach Redis in the order they were
+    added, across batches too. ``add`` returns a future done once its items went out, or
+    failed with the error of the call that carried them; ``observe`` (a metric) is told
+    how many ``add`` calls each send carried.
+    """
+
+    def __init__(self, publisher: Publisher, observe: Callable[[int], None] | None = None):
+        self.publisher = publisher
+        self._observe = observe
+        self._outbox: Outbox | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def add(self, fill: Callable[[Outbox], None]) -> asyncio.Future[None]:
+        """``fill`` adds this caller's items (``Outbox.notify``/``send``) to the next call."""
+        if self._outbox is None:
+            self._outbox = Outbox(self.publisher)
+        fill(self._outbox)
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        if self._sender is None or self._sender.done():
+            # Starts on the next loop turn: everything added in this one goes with it.
+            self._sender = asyncio.create_task(self._send())
+        return done
+
+    async def _send(self) -> None:
+        while self._outbox is not None:
+            outbox, waiters = self._outbox, self._waiters
+            self._outbox, self._waiters = None, []
+            if self._observe is not None:
+                self._observe(len(waiters))
+            error: Exception | None = None
+            try:
+                await outbox.flush()
+            except asyncio.CancelledError:
+                for done in waiters:
+                    done.cancel()
+                raise
+            except Exception as exc:
+                error = exc
+            for done in waiters:
+                if done.done():  # its caller stopped waiting
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+    async def aclose(self) -> None:
+        """Wait for the send in flight, if any (shutdown)."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -23,7 +21,7 @@ from core.lifecycle import Status
 from core.limits import GenerationLimits
 from core.logging import get_logger
 from core.metrics import API_PUBLISH_BATCH
-from core.notify import Outbox, notify
+from core.notify import Outbox, OutboxQueue, notify
 from core.storage import ObjectNotFound, clear_generation
 from core.streams import Publisher
 
@@ -90,21 +88,14 @@ REDIRECT = Returns(
 )
 
 
-@dataclass(eq=False)
-class _Batch:
-    outbox: Outbox
-    generations: int = 0
-    flush: asyncio.Task[Exception | None] = field(init=False)
-
-
 class QueuedAnnouncer:
     """Sends each new attempt's ``generation.queued`` notice, then its dispatch request.
 
-    Requests that get here in the same turn of the event loop share one ``Outbox``
-    flush (one script call): under load the Redis call, which costs the API more CPU
-    than its INSERT, is paid per batch instead of per request; a request alone waits
-    one loop turn. Each notice goes before its own request, so the dispatcher's
-    ``generation.submitted`` cannot overtake it.
+    The creates of one loop turn (or of the time a send is in flight) share one script
+    call (``core.notify.OutboxQueue``): under load the Redis call, which costs the API
+    more CPU than its INSERT, is paid per batch instead of per request. Each notice goes
+    before its own request, so the dispatcher's ``generation.submitted`` cannot
+    overtake it.
 
     The rows are committed either way: a failure is logged, never raised. A client that
     missed the notice reads the resource; a lost request is published again by the
@@ -112,41 +103,24 @@ class QueuedAnnouncer:
     """
 
     def __init__(self, publisher: Publisher, stream: str) -> None:
-        self._publisher = publisher
         self._stream = stream
-        self._open: _Batch | None = None
-        self._flushing: set[asyncio.Task[Exception | None]] = set()
+        self._queue = OutboxQueue(publisher, observe=API_PUBLISH_BATCH.observe)
 
     async def announce(self, row: asyncpg.Record) -> None:
-        batch = self._open
-        if batch is None:
-            batch = self._open = _Batch(Outbox(self._publisher))
-            batch.flush = asyncio.create_task(self._flush(batch))
-            self._flushing.add(batch.flush)
-            batch.flush.add_done_callback(self._flushing.discard)
-        batch.outbox.notify(row, "generation.queued")
-        batch.outbox.send(
-            self._stream, GenerationRequested(generation_id=row["id"], attempt=row["attempt"])
-        )
-        batch.generations += 1
-        # Shielded: a request cancelled while it waits must not cancel the others' flush.
-        error = await asyncio.shield(batch.flush)
-        if error is not None:
-            log.warning("api.publish_failed", generation_id=str(row["id"]), error=repr(error))
+        request = GenerationRequested(generation_id=row["id"], attempt=row["attempt"])
 
-    async def _flush(self, batch: _Batch) -> Exception | None:
-        # First runs one loop turn after the batch opened: later requests open the next.
-        self._open = None
-        API_PUBLISH_BATCH.observe(batch.generations)
+        def fill(outbox: Outbox) -> None:
+            outbox.notify(row, "generation.queued")
+            outbox.send(self._stream, request)
+
         try:
-            await batch.outbox.flush()
+            await self._queue.add(fill)
         except Exception as exc:
-            return exc
-        return None
+            log.warning("api.publish_failed", generation_id=str(row["id"]), error=repr(exc))
 
     async def aclose(self) -> None:
-        """Wait for the flushes in flight (shutdown)."""
-        await asyncio.gather(*self._flushing)
+        """Wait for the send in flight (shutdown)."""
+        await self._queue.aclose()
 
 
 announcer_key = web.AppKey("queued_announcer", QueuedAnnouncer)

@@ -29,56 +29,14 @@ from core.events import JobStatus, LocalJob
 from core.imaging import ImageRejected, sniff_image
 from core.keys import GROUP_GPU_WORKERS
 from core.logging import get_logger
+from core.notify import OutboxQueue
 from core.runtime import Runtime, consumer_name
 from core.service import Loop, with_companions
 from core.storage import LocalStorage, original_key
-from core.streams import Publisher, StreamConsumer, dedicated_client
+from core.streams import StreamConsumer, dedicated_client
 from providers.local.engines import Engine, ProgressFn
 
 log = get_logger(__name__)
-
-
-class ReportSender:
-    """Sends reports to one stream in the order they were queued. Reports queued in one
-    loop turn, or while a send is in flight, go out together as the next send (one
-    ``Publisher.send_many``): one round trip for what every job in hand had to say."""
-
-    def __init__(self, publisher: Publisher, stream: str) -> None:
-        self._publisher = publisher
-        self._stream = stream
-        self._queue: list[tuple[JobStatus, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    def send(self, message: JobStatus) -> asyncio.Future[None]:
-        """Queue ``message``; the future is done once it is on the stream, or fails with
-        the error of the send that carried it."""
-        sent = asyncio.get_running_loop().create_future()
-        self._queue.append((message, sent))
-        if self._flusher is None or self._flusher.done():
-            # Starts on the next loop turn: everything queued in this one goes with it.
-            self._flusher = asyncio.create_task(self._flush())
-        return sent
-
-    async def _flush(self) -> None:
-        # One send at a time, oldest reports first: that is what keeps them in order.
-        while self._queue:
-            batch, self._queue = self._queue, []
-            error: Exception | None = None
-            try:
-                await self._publisher.send_many(self._stream, [message for message, _ in batch])
-            except asyncio.CancelledError:
-                for _, sent in batch:
-                    sent.cancel()
-                raise
-            except Exception as exc:
-                error = exc
-            for _, sent in batch:
-                if sent.done():  # its waiter was cancelled
-                    continue
-                if error is None:
-                    sent.set_result(None)
-                else:
-                    sent.set_exception(error)
 
 
 def _best_effort(sent: asyncio.Future[None]) -> None:
@@ -94,7 +52,8 @@ class Worker:
         self.engine = engine
         self.worker_id = consumer_name("worker")
         self.in_hand = heartbeats.InHand()
-        self._reports = ReportSender(rt.publisher, rt.settings.keys.job_status)
+        # All jobs' reports share round trips, in order: processing before completed.
+        self._reports = OutboxQueue(rt.publisher)
         # One thread per job in hand: each spends part of its time waiting on fsync, so
         # the loop's default pool (cpu + 4 threads) would cap a larger concurrency.
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
@@ -107,12 +66,15 @@ class Worker:
             **fields,
         )
 
+    def _send(self, job: LocalJob, **fields: Any) -> asyncio.Future[None]:
+        stream, report = self.rt.settings.keys.job_status, self._status(job, **fields)
+        return self._reports.add(lambda outbox: outbox.send(stream, report))
+
     async def _report(self, job: LocalJob, **fields: Any) -> None:
-        await self._reports.send(self._status(job, **fields))
+        await self._send(job, **fields)
 
     def _progress(self, job: LocalJob, fraction: float) -> None:
-        sent = self._reports.send(self._status(job, state="progress", progress=fraction))
-        sent.add_done_callback(_best_effort)
+        self._send(job, state="progress", progress=fraction).add_done_callback(_best_effort)
 
     def _make_image(
         self, job: LocalJob, progress: ProgressFn, loop: asyncio.AbstractEventLoop

@@ -16,10 +16,11 @@ from redis.exceptions import ResponseError
 
 from core.events import JobStatus, LocalJob
 from core.keys import GROUP_GPU_WORKERS
+from core.notify import OutboxQueue
 from core.runtime import Runtime
 from providers.local.engines import Engine, ProgressFn
 from providers.local.engines.placeholder import render_placeholder
-from providers.local.worker import ReportSender, worker_loops
+from providers.local.worker import worker_loops
 from tests.conftest import running
 
 Step = Callable[[LocalJob, ProgressFn], None]
@@ -191,27 +192,33 @@ def progress_report(i: int) -> JobStatus:
     return JobStatus(generation_id=uuid.uuid4(), attempt=1, state="progress", progress=i / 100)
 
 
+def _sender(rt: Runtime) -> Callable[[JobStatus], asyncio.Future[None]]:
+    """What the worker sends its reports with: a shared ``OutboxQueue``."""
+    queue, stream = OutboxQueue(rt.publisher), rt.settings.keys.job_status
+    return lambda report: queue.add(lambda outbox: outbox.send(stream, report))
+
+
 async def test_sender_keeps_queue_order_across_sends(rt: Runtime) -> None:
     """Reports queued in one turn, then more while that send is in flight, reach the
     stream in the order they were queued."""
-    sender = ReportSender(rt.publisher, rt.settings.keys.job_status)
-    first = [sender.send(progress_report(i)) for i in range(50)]
+    send = _sender(rt)
+    first = [send(progress_report(i)) for i in range(50)]
     await asyncio.sleep(0)  # the first send is on its way
-    later = [sender.send(progress_report(50 + i)) for i in range(50)]
+    later = [send(progress_report(50 + i)) for i in range(50)]
     await asyncio.gather(*first, *later)
     assert [r.progress for r in await reports(rt)] == [i / 100 for i in range(100)]
 
 
 async def test_sender_fails_the_reports_of_a_failed_send_and_goes_on(rt: Runtime) -> None:
-    sender = ReportSender(rt.publisher, rt.settings.keys.job_status)
+    send = _sender(rt)
     stream = rt.settings.keys.job_status
     await rt.redis.set(stream, "not a stream")
     outcomes = await asyncio.gather(
-        sender.send(progress_report(1)), sender.send(progress_report(2)), return_exceptions=True
+        send(progress_report(1)), send(progress_report(2)), return_exceptions=True
     )
     assert all(isinstance(o, ResponseError) and "WRONGTYPE" in str(o) for o in outcomes)
     await rt.redis.delete(stream)
-    await sender.send(progress_report(3))
+    await send(progress_report(3))
     assert [r.progress for r in await reports(rt)] == [0.03]
 
 
