@@ -65,6 +65,7 @@ from e2e import (
     Procs,
     RawClient,
     calibrate,
+    check_settings,
     cpu_percent,
     free_port,
     fresh_database,
@@ -75,6 +76,7 @@ from e2e import (
     print_calibration,
     print_cprofile,
     process_env,
+    run_bounded,
     server_versions,
     start_servers,
     summarize_cprofile,
@@ -515,9 +517,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (API log)")
     args = p.parse_args(argv)
-    for item in args.set:
-        if not item.startswith("GENGUI_") or "=" not in item:
-            p.error(f"--set takes GENGUI_NAME=VALUE, got {item!r}")
+    check_settings(p, args.set)
     if args.list_user_rows > args.rows:
         p.error("--list-user-rows must not exceed --rows")
     return args
@@ -757,12 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--loadgen"]:
         loadgen_main(argv[1])
         return 0
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from e2e import (
     free_port,
     log,
     process_env,
+    run_bounded,
     wait_ready,
     with_database,
 )
@@ -552,12 +553,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1281,9 +1281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rate is not None and args.rates:
         p.error("give --rate or --rates, not both")
-    for item in args.set:
-        if not item.startswith("GENGUI_") or "=" not in item:
-            p.error(f"--set takes GENGUI_NAME=VALUE, got {item!r}")
+    check_settings(p, args.set)
     return args
 
 
@@ -1504,13 +1502,21 @@ def print_profile(profile: dict[str, dict[str, Any]], top: int = 8) -> None:
             print(f"    {pct:5.1f}%  {frame}")
 
 
+def check_settings(p: argparse.ArgumentParser, items: Sequence[str]) -> None:
+    """``--set`` values must read GENGUI_NAME=VALUE."""
+    for item in items:
+        if not item.startswith("GENGUI_") or "=" not in item:
+            p.error(f"--set takes GENGUI_NAME=VALUE, got {item!r}")
+
+
 def run_bounded(
     run: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
 ) -> int:
-    """``run(args)`` under ``--max-runtime``; a timeout or a BenchError is exit code 1."""
+    """``run(args)`` under ``--max-runtime`` (where the script has one); a timeout or a
+    BenchError is exit code 1."""
 
     async def bounded() -> int:
-        async with asyncio.timeout(args.max_runtime):
+        async with asyncio.timeout(getattr(args, "max_runtime", None)):
             return await run(args)
 
     try:

@@ -63,6 +63,7 @@ from e2e import (
     machine_info,
     print_calibration,
     print_cprofile,
+    run_bounded,
     server_versions,
     start_servers,
     summarize_cprofile,
@@ -418,12 +419,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

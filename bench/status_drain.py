@@ -50,6 +50,7 @@ from e2e import (
     CpuMeter,
     Procs,
     calibrate,
+    check_settings,
     cpu_percent,
     free_port,
     fresh_database,
@@ -59,6 +60,7 @@ from e2e import (
     print_calibration,
     print_cprofile,
     process_env,
+    run_bounded,
     server_versions,
     start_servers,
     summarize_cprofile,
@@ -142,9 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (consumer log)")
     args = p.parse_args(argv)
-    for item in args.set:
-        if not item.startswith("GENGUI_") or "=" not in item:
-            p.error(f"--set takes GENGUI_NAME=VALUE, got {item!r}")
+    check_settings(p, args.set)
     return args
 
 
@@ -350,12 +350,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_bounded(run, parse_args(argv))
 
 
 if __name__ == "__main__":
