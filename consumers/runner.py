@@ -59,8 +59,8 @@ def consumer_loops(
             processor = StatusProcessor(rt)
             batch_handler = processor.handle_batch
             order_key = _generation
-            pipeline = {"pipeline": rt.settings.consumer_pipeline}
-            spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, pipeline)
+            read = {"pipeline": rt.settings.consumer_pipeline, "batch": rt.settings.status_batch}
+            spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, read)
         elif role == "thumbnails":
             # CPU-bound: one thread per core is all concurrency buys here.
             handler = Thumbnailer(rt).handle

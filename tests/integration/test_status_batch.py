@@ -278,3 +278,20 @@ async def test_pipelined_reads_overlap_but_keep_each_generations_order(rt: Runti
     assert events.index("B1 start") < events.index("A1 end")  # two batches in flight
     assert events.index("A1 end") < events.index("A2 start")  # A stays in order
     assert (await rt.redis.xpending(stream, group))["pending"] == 0
+
+
+async def test_status_consumer_reads_status_batch_entries(rt: Runtime) -> None:
+    """The status consumer's reads are ``status_batch`` long; the others keep
+    ``consumer_batch`` (a thumbnailer holding 500 entries would starve its replicas)."""
+    from consumers.runner import consumer_loops
+
+    settings = rt.settings.model_copy(update={"status_batch": 321, "consumer_batch": 7})
+    loops = consumer_loops(
+        Runtime(settings, rt.pool, rt.redis, rt.publisher, rt.storage),
+        roles=("status", "thumbnails"),
+    )
+    configs = {name: loop.__self__.config for name, loop in loops.items()}  # type: ignore[attr-defined]
+    assert configs["consumer:status"].batch == 321
+    assert configs["consumer:thumbnails"].batch == 7
+    for loop in loops.values():
+        await loop.__self__.reader.aclose()  # type: ignore[attr-defined]
