@@ -86,7 +86,7 @@ _INSERT = """
                                  next_check_at, deadline_at, flag_rule)
         VALUES (gen_random_uuid(), $1, 'queued', 1, $2, $3, $4, $5, $6, $7, $8, $9,
                 now() + $10::interval, now() + $11::interval, $12)
-        ON CONFLICT (user_id, idempotency_key) DO NOTHING
+        ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING *
     ), hist AS (
         INSERT INTO generation_events (generation_id, attempt, status)
