@@ -261,6 +261,16 @@ class Settings(BaseSettings):
         ),
     )
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    worker_processing_after_s: float = Field(
+        0.05,
+        ge=0,
+        description=(
+            "A job still running this long after its worker took it reports `processing` "
+            "(at once if it reports progress first); a faster one reports only its outcome, "
+            "which saves the pipeline a transition, a history row and a notice per job. "
+            "0 reports `processing` as soon as a job is taken."
+        ),
+    )
 
     # Real-time events (core.realtime): SSE and WebSocket clients of the API.
     events_keepalive_s: float = Field(

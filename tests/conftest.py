@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -89,8 +90,9 @@ async def redis(servers: Servers) -> AsyncIterator[SharedRedis]:
 
 
 @pytest.fixture
-def settings(servers: Servers, tmp_path: Path) -> Settings:
-    return Settings(
+def settings(servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """The suite's settings; ``@pytest.mark.settings(name=value)`` changes some for a test."""
+    values: dict[str, Any] = dict(
         database_url=servers.database_url,
         redis_url=servers.redis_url,
         data_dir=tmp_path / "data",
@@ -108,6 +110,10 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
         plan_quotas={},
         auth_requests_per_minute_per_ip=0,
     )
+    marker = request.node.get_closest_marker("settings")
+    if marker is not None:
+        values.update(marker.kwargs)
+    return Settings(**values)
 
 
 async def truncate_all(pool: asyncpg.Pool) -> None:

@@ -1,5 +1,8 @@
 """``gengui worker``: takes jobs from ``gengui:jobs:local``, runs an engine, stores the
 image, reports ``processing`` then ``completed`` (or ``failed``) on ``gengui:job:status``.
+A job that is done within ``worker_processing_after_s`` (50 ms) reports only its outcome:
+``submitted -> completed`` is a transition of its own, and the report, the row write, the
+history row and the notice that ``processing`` would cost tell nobody anything.
 
 A worker needs Redis and the object store, never the database. It heartbeats a key
 with a TTL that names the jobs in hand (``core.heartbeats``), so the reconciler can tell
@@ -9,8 +12,9 @@ entries it had not started stay pending and are reclaimed.
 It runs ``GENGUI_WORKER_CONCURRENCY`` jobs at once, each on a thread of its own that
 renders, checks and stores the image: one thread hop per job. Reports go through one
 ordered sender, so the reports of all the jobs in hand share round trips (a few per
-batch of jobs, not two per job) and a job's ``processing`` is on the stream before its
-``completed`` is sent.
+batch of jobs, not two per job) and a job's ``processing`` (or ``progress``) is on the
+stream before its ``completed``. The job does not wait for its ``processing`` to be sent:
+the render starts at once.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Worker:
         self.engine = engine
         self.worker_id = consumer_name("worker")
         self.in_hand = heartbeats.InHand()
+        self.processing_after_s = rt.settings.worker_processing_after_s
         # All jobs' reports share round trips, in order: processing before completed.
         self._reports = OutboxQueue(rt.publisher)
         # One thread per job in hand: each spends part of its time waiting on fsync, so
@@ -120,18 +125,38 @@ class Worker:
             await self._run(job)
 
     async def _run(self, job: LocalJob) -> None:
-        await self._report(job, state="processing")
         loop = asyncio.get_running_loop()
+        processing: list[asyncio.Future[None]] = []
+
+        def report_processing() -> None:
+            if not processing:  # once: after the delay, or before the first progress
+                processing.append(self._send(job, state="processing"))
+                # A lost one costs nothing: submitted -> completed is allowed too.
+                processing[0].add_done_callback(_best_effort)
+
+        def progress_on_loop(fraction: float) -> None:
+            report_processing()  # progress is only applied to a processing row
+            self._progress(job, fraction)
 
         def progress(fraction: float) -> None:
             # Called from the engine's thread; queued before the final report.
-            loop.call_soon_threadsafe(self._progress, job, fraction)
+            loop.call_soon_threadsafe(progress_on_loop, fraction)
 
+        if self.processing_after_s <= 0:
+            report_processing()
+            timer = None
+        else:
+            timer = loop.call_later(self.processing_after_s, report_processing)
         # As asyncio.to_thread does (the log context goes along), on this worker's threads.
         make = functools.partial(
             contextvars.copy_context().run, self._make_image, job, progress, loop
         )
-        await self._report(job, **await loop.run_in_executor(self._threads, make))
+        try:
+            outcome = await loop.run_in_executor(self._threads, make)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        await self._report(job, **outcome)
 
     async def consume(self, consumer: StreamConsumer[LocalJob], stop: asyncio.Event) -> None:
         """Run ``consumer`` on this worker's threads, released when it returns."""

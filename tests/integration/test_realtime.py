@@ -367,6 +367,7 @@ async def test_two_api_instances_each_deliver_to_their_own_clients(
             assert [e["id"] for e in await back.events(2)] == missed
 
 
+@pytest.mark.settings(worker_processing_after_s=0)
 async def test_a_generation_streams_its_whole_lifecycle(
     client: TestClient,
     rt: Runtime,

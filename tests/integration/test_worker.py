@@ -26,6 +26,19 @@ from tests.conftest import running
 Step = Callable[[LocalJob, ProgressFn], None]
 
 
+@pytest.fixture
+def rt(rt: Runtime) -> Runtime:
+    """``processing`` as soon as a job is taken, which most tests here follow; the tests
+    of ``worker_processing_after_s`` set their own."""
+    return processing_after(rt, 0)
+
+
+def processing_after(rt: Runtime, seconds: float) -> Runtime:
+    return dataclasses.replace(
+        rt, settings=rt.settings.model_copy(update={"worker_processing_after_s": seconds})
+    )
+
+
 class Drawing:
     """The placeholder's picture, after ``before(job, progress)``."""
 
@@ -248,3 +261,40 @@ async def test_stopped_worker_finishes_the_jobs_in_hand(rt: Runtime, concurrency
     assert await pending(rt) == 0
     groups = await rt.redis.xinfo_groups(rt.settings.keys.jobs_local)
     assert groups[0]["lag"] == len(jobs) - concurrency
+
+
+async def test_a_job_done_within_the_delay_reports_only_its_outcome(rt: Runtime) -> None:
+    found = await run_jobs(processing_after(with_concurrency(rt, 4), 5.0), Drawing(), make_jobs(8))
+    assert set(map(tuple, states_by_job(found).values())) == {("completed",)}
+
+
+async def test_a_job_still_running_after_the_delay_reports_processing_first(rt: Runtime) -> None:
+    """The render does not wait for the report: it is sent while the job runs."""
+    seen_processing = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def until_processing_is_on_the_stream(job: LocalJob, progress: ProgressFn) -> None:
+        async def watch() -> None:
+            while not any(r.state == "processing" for r in await reports(rt)):
+                await asyncio.sleep(0.01)
+            seen_processing.set()
+
+        asyncio.run_coroutine_threadsafe(watch(), loop)
+        assert seen_processing.wait(10), "processing was not reported while the job ran"
+
+    (job,) = make_jobs(1)
+    found = await run_jobs(
+        processing_after(rt, 0.05), Drawing(until_processing_is_on_the_stream), [job]
+    )
+    assert states_by_job(found) == {job.generation_id: ["processing", "completed"]}
+
+
+async def test_progress_within_the_delay_sends_processing_before_it(rt: Runtime) -> None:
+    """Progress is applied only to a processing row: its processing goes first."""
+
+    def early_progress(job: LocalJob, progress: ProgressFn) -> None:
+        progress(0.25)
+
+    (job,) = make_jobs(1)
+    found = await run_jobs(processing_after(rt, 5.0), Drawing(early_progress), [job])
+    assert states_by_job(found) == {job.generation_id: ["processing", "progress", "completed"]}
