@@ -2,7 +2,7 @@
 process applies per second.
 
     .venv/bin/python bench/status_drain.py                    # 20,000 generations
-    .venv/bin/python bench/status_drain.py --n 5000 --set GENGUI_CONSUMER_BATCH=500
+    .venv/bin/python bench/status_drain.py --n 5000 --set GENGUI_STATUS_BATCH=100
     .venv/bin/python bench/status_drain.py --cprofile         # + where the time goes
 
 Before the consumer starts: ``--n`` generations are inserted as ``submitted`` (local
@@ -135,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="GENGUI_X=V",
-        help="setting for the consumer, e.g. GENGUI_CONSUMER_BATCH=500",
+        help="setting for the consumer, e.g. GENGUI_STATUS_BATCH=100",
     )
     p.add_argument(
         "--cprofile",

@@ -60,6 +60,7 @@ from e2e import (
     start_servers,
     write_results,
 )
+from status_drain import fill_stream
 
 from core.events import DATA_FIELD, JobStatus, LocalJob
 from core.keys import GROUP_GPU_WORKERS, Keys
@@ -84,14 +85,6 @@ def jobs(n: int) -> list[dict[Any, Any]]:
         )
         for i in range(n)
     ]
-
-
-async def fill(client: aioredis.Redis, stream: str, entries: list[dict[Any, Any]]) -> None:
-    for i in range(0, len(entries), 2000):
-        async with client.pipeline(transaction=False) as pipe:
-            for fields in entries[i : i + 2000]:
-                pipe.xadd(stream, fields)
-            await pipe.execute()
 
 
 async def group(client: aioredis.Redis, stream: str) -> dict[str, int]:
@@ -165,7 +158,7 @@ async def one_round(
     env = {**base_env, "GENGUI_STREAM_PREFIX": prefix, "GENGUI_WORKER_ENGINE": args.engine}
     env.update(item.split("=", 1) for item in [*args.set, *settings])
     await client.xgroup_create(keys.jobs_local, GROUP_GPU_WORKERS, id="0", mkstream=True)
-    await fill(client, keys.jobs_local, jobs(args.n))
+    await fill_stream(client, keys.jobs_local, jobs(args.n))
     logs = tmp / f"logs-{prefix}"
     logs.mkdir()
     procs = Procs(env, logs)
