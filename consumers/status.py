@@ -7,9 +7,10 @@ generation's image has its stored object deleted: no orphan, never a second imag
 
 Reports are applied a batch at a time (one stream read): one statement per kind of
 report moves every generation of the batch, and the notices and thumbnail requests go
-out in one pipeline after them. A generation reported twice in one batch (its
-``processing`` and ``completed``, say) is applied in report order: the batch is cut into
-rounds in which each generation appears once.
+out in one pipeline after them. A ``processing`` or ``progress`` whose outcome is in the
+same batch is skipped (``moot``); other reports of one generation in one batch are
+applied in report order: the batch is cut into rounds in which each generation appears
+once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,26 @@ _SUBMITTED_AT = """
 """
 
 
+def moot(reports: Sequence[JobStatus]) -> list[JobStatus]:
+    """The reports left once those made moot by an outcome in the same batch are dropped:
+    the ``processing`` and ``progress`` of an attempt whose ``completed`` (with an image)
+    or ``failed`` is here too. The row goes straight to its outcome (``submitted ->
+    completed`` is a transition of its own), saving a statement, a history row and a
+    notice per generation; under load, when reads are long, that is most of them."""
+    final = {
+        (r.generation_id, r.attempt)
+        for r in reports
+        if r.state == "failed" or (r.state == "completed" and r.image_key)
+    }
+    if not final:
+        return list(reports)
+    return [
+        r
+        for r in reports
+        if r.state not in ("processing", "progress") or (r.generation_id, r.attempt) not in final
+    ]
+
+
 def rounds(reports: Sequence[JobStatus]) -> list[list[JobStatus]]:
     """Cut reports into rounds that name each generation at most once, keeping each
     generation's reports in order: its n-th report goes to round n."""
@@ -75,7 +96,7 @@ class StatusProcessor:
         """Applies every report: none is left for one-at-a-time handling."""
         outbox = Outbox(self.rt.publisher)
         try:
-            for batch in rounds(reports):
+            for batch in rounds(moot(reports)):
                 by_state: dict[str, list[JobStatus]] = defaultdict(list)
                 for report in batch:
                     by_state[report.state].append(report)

@@ -196,6 +196,40 @@ async def pipeline(rt: Runtime) -> AsyncIterator[asyncio.Event]:
         yield stop
 
 
+class HeldEngine:
+    """The placeholder, holding each job until ``release`` is set: a long job, which the
+    worker reports ``processing`` for before its outcome."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        import threading
+
+        from providers.local.engines import PlaceholderEngine
+
+        self.release = threading.Event()
+        self._engine = PlaceholderEngine()
+
+    def generate(self, job: Any, progress: Any) -> bytes:
+        assert self.release.wait(30), "the test never released the job"
+        return self._engine.generate(job, progress)
+
+
+@pytest_asyncio.fixture
+async def held_pipeline(rt: Runtime) -> AsyncIterator[HeldEngine]:
+    """``pipeline`` with a ``HeldEngine``: jobs wait in the worker until released."""
+    from consumers.runner import consumer_loops
+    from providers.local.worker import worker_loops
+
+    engine = HeldEngine()
+    loops = {**consumer_loops(rt), **worker_loops(rt, engine)}
+    try:
+        async with running(loops):
+            yield engine
+    finally:
+        engine.release.set()  # never leave an engine thread parked
+
+
 async def wait_for_status(
     client: TestClient,
     auth: UserAuth,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import uuid
 
-import pytest
 from PIL import Image
 
 from core import lifecycle
@@ -13,21 +12,13 @@ from core.events import JobStatus
 from core.lifecycle import Status
 from core.runtime import Runtime
 from core.storage import original_key
-from tests.conftest import UserAuth, wait_for_status
+from tests.conftest import HeldEngine, UserAuth, wait_for_status
 
 BODY = {"prompt": "a lighthouse at dusk", "width": 512, "height": 384, "seed": 7}
 
 
-@pytest.mark.parametrize(
-    "processing_after_s",
-    [
-        pytest.param(0, marks=pytest.mark.settings(worker_processing_after_s=0)),
-        # Far longer than a placeholder render: the job is done before it would report.
-        pytest.param(30, marks=pytest.mark.settings(worker_processing_after_s=30)),
-    ],
-)
 async def test_generation_reaches_completed_with_image_and_thumbnail(
-    client, alice: UserAuth, rt: Runtime, pipeline, processing_after_s: float
+    client, alice: UserAuth, rt: Runtime, pipeline
 ) -> None:
     resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert resp.status == 202
@@ -52,11 +43,25 @@ async def test_generation_reaches_completed_with_image_and_thumbnail(
         "SELECT status FROM generation_events WHERE generation_id = $1 ORDER BY id",
         uuid.UUID(created["id"]),
     )
-    # A job done before worker_processing_after_s goes from submitted to completed.
-    expected = ["queued", "submitted", "processing", "completed"]
-    if processing_after_s:
-        expected.remove("processing")
-    assert [r["status"] for r in history] == expected
+    # A placeholder job is done long before worker_processing_after_s: no processing.
+    assert [r["status"] for r in history] == ["queued", "submitted", "completed"]
+
+
+async def test_a_long_job_is_processing_until_its_image_is_stored(
+    client, alice: UserAuth, rt: Runtime, held_pipeline: HeldEngine
+) -> None:
+    resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+    gid = (await resp.json())["id"]
+    running = await wait_for_status(client, alice, gid, {"processing"})
+    assert running["image_url"] is None
+    held_pipeline.release.set()
+    await wait_for_status(client, alice, gid, {"completed"}, need_thumbnail=True)
+    history = await rt.pool.fetch(
+        "SELECT status, detail FROM generation_events WHERE generation_id = $1 ORDER BY id",
+        uuid.UUID(gid),
+    )
+    assert [r["status"] for r in history] == ["queued", "submitted", "processing", "completed"]
+    assert history[2]["detail"]["source"].startswith("worker-")  # who runs it
 
 
 async def _queued_generation(rt: Runtime, user: UserAuth) -> uuid.UUID:

@@ -29,7 +29,7 @@ from core.api.http import accounts_key
 from core.events import UserEvent
 from core.notify import REPLAY_MAXLEN, REPLAY_TTL_S, Replay
 from core.runtime import Runtime
-from tests.conftest import Servers, UserAuth
+from tests.conftest import HeldEngine, Servers, UserAuth
 
 WAIT_S = 10
 
@@ -367,13 +367,13 @@ async def test_two_api_instances_each_deliver_to_their_own_clients(
             assert [e["id"] for e in await back.events(2)] == missed
 
 
-@pytest.mark.settings(worker_processing_after_s=0)
 async def test_a_generation_streams_its_whole_lifecycle(
     client: TestClient,
     rt: Runtime,
     alice: UserAuth,
-    pipeline: asyncio.Event,
+    held_pipeline: HeldEngine,
 ) -> None:
+    """A long job (held in the worker until its processing notice arrives)."""
     async with sse(client, alice) as stream:
         created = await client.post(
             "/api/v1/generations", json={"prompt": "a lighthouse"}, headers=alice.headers
@@ -383,6 +383,8 @@ async def test_a_generation_streams_its_whole_lifecycle(
         got: list[dict[str, Any]] = []
         while not got or got[-1]["type"] != "thumbnail.ready":
             got += await stream.events(1)
+            if got[-1]["type"] == "generation.processing":
+                held_pipeline.release.set()
     assert all(e["data"]["generation"]["id"] == gid for e in got)
     # generation.queued is the API's own notice, sent once the created row is committed
     # (POST /api/v1/generations); the others come from the consumers.

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from consumers.status import StatusProcessor, rounds
+from consumers.status import StatusProcessor, moot, rounds
 from core import lifecycle
 from core.events import DATA_FIELD, JobStatus, UserEvent
 from core.lifecycle import Change, Status
@@ -57,6 +57,30 @@ async def _notices(rt: Runtime, user: UserAuth) -> list[tuple[str, str]]:
         event = UserEvent.model_validate_json(fields[DATA_FIELD])
         out.append((str(event.generation["id"]), event.type))
     return out
+
+
+def test_an_outcome_makes_the_processing_and_progress_of_its_attempt_moot() -> None:
+    a, b, c, d = (uuid.uuid4() for _ in range(4))
+    user = UserAuth(user_id=uuid.uuid4(), token="t")
+    reports = [
+        _processing(a),
+        JobStatus(generation_id=a, attempt=1, state="progress", progress=0.5),
+        _processing(b),  # its completed is for another attempt: kept
+        _processing(c),  # its completed has no image: it is refused, so kept
+        _processing(d),
+        _completed(user, a),
+        _completed(user, b, attempt=2),
+        JobStatus(generation_id=c, attempt=1, state="completed"),
+        JobStatus(generation_id=d, attempt=1, state="failed", error_code="nsfw"),
+    ]
+    assert [(r.generation_id, r.state) for r in moot(reports)] == [
+        (b, "processing"),
+        (c, "processing"),
+        (a, "completed"),
+        (b, "completed"),
+        (c, "completed"),
+        (d, "failed"),
+    ]
 
 
 def test_rounds_name_each_generation_once_and_keep_its_order() -> None:
@@ -116,7 +140,8 @@ async def test_a_batch_applies_each_generations_reports_in_order(
     rt: Runtime, alice: UserAuth
 ) -> None:
     """Processing + completed of the same generations in one batch, a duplicate, a stale
-    attempt, progress and a failure: every row ends where one-at-a-time would put it."""
+    attempt, progress and a failure: every row ends where one-at-a-time would put it,
+    without the processing step of the rows whose outcome is in the batch (``moot``)."""
     ids = await _submitted(rt, alice, 5)
     ok1, ok2, stale, progressing, failing = ids
     await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", stale)
@@ -161,8 +186,8 @@ async def test_a_batch_applies_each_generations_reports_in_order(
     for h in history:
         per_gen.setdefault(h["generation_id"], []).append(h["status"])
     assert per_gen == {
-        ok1: ["processing", "completed"],
-        ok2: ["processing", "completed"],
+        ok1: ["completed"],
+        ok2: ["completed"],
         progressing: ["processing"],
         failing: ["failed"],
     }
@@ -172,13 +197,11 @@ async def test_a_batch_applies_each_generations_reports_in_order(
     assert requested == sorted([str(ok1), str(ok2)])
 
     notices = await _notices(rt, alice)
-    assert notices.index((str(ok1), "generation.processing")) < notices.index(
-        (str(ok1), "generation.completed")
+    assert notices.index((str(progressing), "generation.processing")) < notices.index(
+        (str(progressing), "generation.progress")
     )
     assert sorted(notices) == sorted(
         [
-            (str(ok1), "generation.processing"),
-            (str(ok2), "generation.processing"),
             (str(progressing), "generation.processing"),
             (str(progressing), "generation.progress"),
             (str(ok1), "generation.completed"),
