@@ -52,7 +52,6 @@ from urllib.parse import quote
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,6 +66,7 @@ from e2e import (
     calibrate,
     check_settings,
     cpu_percent,
+    drop_prefix,
     free_port,
     fresh_database,
     git_info,
@@ -549,16 +549,7 @@ async def run(args: argparse.Namespace) -> int:
         database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
 
-        async def clean_redis() -> None:
-            client = aioredis.Redis.from_url(servers.redis_url)
-            try:
-                keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-                if keys:
-                    await client.delete(*keys)
-            finally:
-                await client.aclose()
-
-        stack.push_async_callback(clean_redis)
+        stack.push_async_callback(drop_prefix, servers.redis_url, prefix)
         port = free_port()
         env = process_env(database_url, servers.redis_url, prefix, tmp / "data", port)
         env.update(item.split("=", 1) for item in args.set)

@@ -101,6 +101,23 @@ def start_servers(tmp: Path) -> Servers:
     return Servers(db, rd, embedded=False)
 
 
+async def drop_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key of a run's prefix: streams, replay logs, heartbeats (a run's
+    replay logs would otherwise live for their hour and slow every SCAN of the server)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.delete(*batch)
+                batch.clear()
+        if batch:
+            await client.delete(*batch)
+    finally:
+        await client.aclose()
+
+
 async def admin_sql(admin_dsn: str, sql: str) -> Any:
     from core.db import asyncpg_dsn
 
@@ -1362,16 +1379,7 @@ async def run(args: argparse.Namespace) -> int:
         database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
 
-        async def clean_redis() -> None:
-            client = aioredis.Redis.from_url(servers.redis_url)
-            try:
-                keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-                if keys:
-                    await client.delete(*keys)
-            finally:
-                await client.aclose()
-
-        stack.push_async_callback(clean_redis)
+        stack.push_async_callback(drop_prefix, servers.redis_url, prefix)
 
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"

@@ -57,6 +57,7 @@ from e2e import (
     Procs,
     _machine_cpu_s,
     calibrate,
+    drop_prefix,
     fresh_database,
     git_info,
     log,
@@ -141,6 +142,9 @@ async def make_stuck(rt: Runtime, user_id: UUID, per_kind: int) -> dict[str, lis
            SELECT id, 1, 'processing', $2::jsonb FROM unnest($1::uuid[]) AS id""",
         stuck["processing"],
         {"source": WORKER},
+    )
+    await rt.pool.execute(  # the runner, as the status consumer records it
+        "UPDATE generations SET runner = $2 WHERE id = ANY($1)", stuck["processing"], WORKER
     )
     keys = rt.settings.keys
     # One entry no runner took yet: the queue is slow, not lost (lag 1).
@@ -329,12 +333,7 @@ async def run(args: argparse.Namespace) -> int:
         )
         rt = await stack.enter_async_context(open_runtime(settings))
 
-        async def clean_redis() -> None:
-            found = [k async for k in rt.redis.scan_iter(match=f"{prefix}:*", count=1000)]
-            if found:
-                await rt.redis.delete(*found)
-
-        stack.push_async_callback(clean_redis)
+        stack.push_async_callback(drop_prefix, rt.redis_url, prefix)
         from core.auth import create_user
 
         user_id = await create_user(rt.pool, f"reconciler-{token}@example.com")

@@ -49,6 +49,7 @@ from e2e import (
     BenchError,
     Procs,
     _proc_stat,
+    drop_prefix,
     free_port,
     fresh_database,
     git_info,
@@ -285,6 +286,7 @@ async def run(args: argparse.Namespace) -> int:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         servers = await asyncio.to_thread(start_servers, tmp)
         versions = await server_versions(servers)
+        stack.push_async_callback(drop_prefix, servers.redis_url, prefix)
         database_url = await fresh_database(stack, servers, db_name)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"

@@ -52,6 +52,7 @@ from e2e import (
     calibrate,
     check_settings,
     cpu_percent,
+    drop_prefix,
     free_port,
     fresh_database,
     git_info,
@@ -178,12 +179,7 @@ async def run(args: argparse.Namespace) -> int:
         client = aioredis.Redis.from_url(servers.redis_url)
         stack.push_async_callback(client.aclose)
 
-        async def clean_redis() -> None:
-            found = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-            if found:
-                await client.delete(*found)
-
-        stack.push_async_callback(clean_redis)
+        stack.push_async_callback(drop_prefix, servers.redis_url, prefix)
         env = process_env(database_url, servers.redis_url, prefix, tmp / "data", free_port())
         env.update(item.split("=", 1) for item in args.set)
         (tmp / "logs").mkdir()

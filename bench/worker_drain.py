@@ -49,6 +49,7 @@ from e2e import (
     calibrate,
     check_settings,
     cpu_percent,
+    drop_prefix,
     free_port,
     git_info,
     log,
@@ -189,9 +190,7 @@ async def one_round(
         raise
     finally:
         codes = await asyncio.to_thread(procs.stop)
-        found = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        if found:
-            await client.delete(*found)
+        await drop_prefix(base_env["GENGUI_REDIS_URL"], prefix)
     cpu = cpu_percent(before, after, wall)
     return {
         "variant": name,

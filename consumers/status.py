@@ -119,7 +119,10 @@ class StatusProcessor:
     async def _processing(self, reports: list[JobStatus], outbox: Outbox) -> None:
         due = lifecycle.due_in(self.check_after)
         changes = [
-            Change(r.generation_id, r.attempt, {"next_check_at": due}, _source(r)) for r in reports
+            Change(
+                r.generation_id, r.attempt, {"next_check_at": due, "runner": r.source}, _source(r)
+            )
+            for r in reports
         ]
         for row in await lifecycle.transition_many(self.rt.pool, Status.PROCESSING, changes):
             outbox.notify(row, "generation.processing")

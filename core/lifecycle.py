@@ -56,6 +56,7 @@ _SETTABLE: Mapping[str, str] = {
     "provider": "text",
     "provider_job_id": "text",
     "flag_rule": "text",
+    "runner": "text",
     "error_code": "text",
     "error_message": "text",
     "image_key": "text",
@@ -139,7 +140,7 @@ async def retry(
     """Start attempt ``attempt + 1`` from ``queued``; results of older attempts are then ignored."""
     if not allowed_from <= TRANSITIONS[Status.QUEUED]:
         raise ValueError(f"retry is not allowed from {sorted(allowed_from)}")
-    fields = {"provider_job_id": None, "progress": None, **fields}
+    fields = {"provider_job_id": None, "progress": None, "runner": None, **fields}
     return await _run(
         conn, generation_id, attempt, Status.QUEUED, allowed_from, detail, fields, True
     )

@@ -137,6 +137,8 @@ class Generation(SQLModel, table=True):
     provider: str = Field(max_length=32)
     provider_job_id: str | None = Field(default=None, max_length=200)
     flag_rule: str | None = Field(default=None, max_length=200)
+    # The runner (worker, hosted runner) that reported the attempt processing.
+    runner: str | None = Field(default=None, max_length=200)
     prompt: str = Field(sa_type=sa.Text)
     negative_prompt: str | None = Field(default=None, sa_type=sa.Text)
     width: int

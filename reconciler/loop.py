@@ -29,8 +29,9 @@ heartbeating with the job in hand, a remote job still running. Its deadline boun
 
 A tick's cost is per kind of row, not per row: the leased rows are sorted into kinds
 and each kind is settled in a few round trips whatever its size (one pipeline of
-XADDs for the requeues, one backlog look per queue, one history query and one Redis
-pipeline for the heartbeats, one ``UPDATE ... FROM unnest`` for the rows to extend).
+XADDs for the requeues, one backlog look per queue, one ``MGET`` of the runners'
+heartbeats (each row names its runner), one ``UPDATE ... FROM unnest`` for the rows to
+extend).
 Queue and worker jobs are leased straight for their provider's check interval, which
 is what they get when left alone (the common case), so such a row is written once per
 tick; if the tick then dies, they are looked at again after that interval rather than
@@ -77,7 +78,8 @@ POLL_CONCURRENCY = 16
 # decoding was about half the reconciler's CPU in a 1,000-row tick of left-alone rows:
 # bench/README.md). A polled row's job (prompt and the rest) is read with one query for
 # all of them (``_JOBS``).
-_LEASED = "g.id, g.user_id, g.status, g.attempt, g.provider, g.provider_job_id, g.updated_at"
+_LEASED = """g.id, g.user_id, g.status, g.attempt, g.provider, g.provider_job_id, g.runner,
+    g.updated_at"""
 _JOBS = "SELECT * FROM generations WHERE id = ANY($1::uuid[])"
 
 # A due row is leased for as long as its recovery may take: a queued row for the grace
@@ -125,20 +127,6 @@ _EXTEND = """
     UPDATE generations g SET next_check_at = u.due
       FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(id, attempt, due)
      WHERE g.id = u.id AND g.attempt = u.attempt AND g.status IN ('submitted', 'processing')
-"""
-
-# Who runs each job: the source of the last ``processing`` event of the row's attempt
-# (one index probe per row on ``ix_generation_events_generation``). A row without one
-# has no runner.
-_RUNNERS = """
-    SELECT r.id, r.attempt, last.source
-      FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
-     CROSS JOIN LATERAL (
-         SELECT e.detail->>'source' AS source FROM generation_events e
-          WHERE e.generation_id = r.id AND e.attempt = r.attempt AND e.status = 'processing'
-          ORDER BY e.id DESC
-          LIMIT 1
-     ) AS last
 """
 
 
@@ -210,7 +198,7 @@ class Reconciler:
 
     async def _settle_local(self, rows: Sequence[asyncpg.Record]) -> Counter[str]:
         """Queue and worker jobs: each queue's backlog asked once, every runner's
-        heartbeat in one history query and one Redis round trip."""
+        heartbeat in one Redis round trip."""
         if not rows:
             return Counter()
         submitted = [r for r in rows if r["status"] == Status.SUBMITTED]
@@ -292,14 +280,10 @@ class Reconciler:
         return dict(zip(names, await asyncio.gather(*map(self._has_backlog, names)), strict=True))
 
     async def _runners_alive(self, rows: Sequence[asyncpg.Record]) -> set[UUID]:
-        """Ids of the rows whose runner still heartbeats and names the job as in hand
-        (``core.heartbeats``): a finished job whose report was lost is not alive."""
-        if not rows:
-            return set()
-        runners = await self.rt.pool.fetch(
-            _RUNNERS, [r["id"] for r in rows], [r["attempt"] for r in rows]
-        )
-        sources = sorted({r["source"] for r in runners if r["source"]})
+        """Ids of the rows whose runner (on the row, from its ``processing`` report)
+        still heartbeats and names the job as in hand (``core.heartbeats``): a finished
+        job whose report was lost is not alive, nor is a row without a runner."""
+        sources = sorted({r["runner"] for r in rows if r["runner"]})
         if not sources:
             return set()
         keys = self.rt.settings.keys
@@ -308,8 +292,8 @@ class Reconciler:
         beat = dict(zip(sources, beats, strict=True))
         return {
             r["id"]
-            for r in runners
-            if heartbeats.holds(beat.get(r["source"]), r["id"], r["attempt"])
+            for r in rows
+            if r["runner"] and heartbeats.holds(beat.get(r["runner"]), r["id"], r["attempt"])
         }
 
     async def _poll_all(self, leased: Sequence[asyncpg.Record]) -> list[str | None]:

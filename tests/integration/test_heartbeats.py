@@ -64,7 +64,7 @@ async def test_a_live_runner_that_no_longer_holds_a_job_gets_it_retried(
     lost = await _generation(rt, alice, status="submitted")
     for gid in (held, lost):
         assert await lifecycle.transition(
-            rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w1"}
+            rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w1"}, runner="w1"
         )
     await rt.pool.execute("UPDATE generations SET next_check_at = now()")
     in_hand = InHand()

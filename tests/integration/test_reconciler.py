@@ -160,7 +160,12 @@ async def test_submitted_job_behind_a_backlog_is_left_to_wait(rt: Runtime, alice
 async def test_processing_job_on_a_live_worker_is_not_retried(rt: Runtime, alice: UserAuth) -> None:
     gid = await _generation(rt, alice, status="submitted")
     assert await lifecycle.transition(
-        rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "worker-a"}
+        rt.pool,
+        gid,
+        attempt=1,
+        to=Status.PROCESSING,
+        detail={"source": "worker-a"},
+        runner="worker-a",
     )
     await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
     await rt.redis.set(rt.settings.keys.worker_heartbeat("worker-a"), "alive", ex=60)
@@ -202,7 +207,7 @@ async def test_deadline_queues_a_cancel_for_a_remote_job(rt: Runtime, alice: Use
 async def test_history_detail_is_stored_as_a_json_object(rt: Runtime, alice: UserAuth) -> None:
     gid = await _generation(rt, alice, status="submitted")
     await lifecycle.transition(
-        rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w"}
+        rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w"}, runner="w"
     )
     kind, source = await rt.pool.fetchrow(
         "SELECT jsonb_typeof(detail), detail->>'source' FROM generation_events"

@@ -57,13 +57,21 @@ async def _stuck(
 
 
 async def _ran_on(rt: Runtime, ids: list[uuid.UUID], worker: str, attempt: int = 1) -> None:
-    """History as the worker writes it: ``processing`` with the worker as its source."""
+    """As the status consumer records a worker's report: the worker is the row's runner
+    and the source of its ``processing`` history row."""
     await rt.pool.execute(
         """INSERT INTO generation_events (generation_id, attempt, status, detail)
            SELECT id, $2, 'processing', $3::jsonb FROM unnest($1::uuid[]) AS id""",
         ids,
         attempt,
         {"source": worker},
+    )
+    # Only where the attempt matches, like the consumer's CAS (a retry clears the runner).
+    await rt.pool.execute(
+        "UPDATE generations SET runner = $2 WHERE id = ANY($1) AND attempt = $3",
+        ids,
+        worker,
+        attempt,
     )
 
 

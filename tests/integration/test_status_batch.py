@@ -318,3 +318,15 @@ async def test_status_consumer_reads_status_batch_entries(rt: Runtime) -> None:
     assert configs["consumer:thumbnails"].batch == 7
     for loop in loops.values():
         await loop.__self__.reader.aclose()  # type: ignore[attr-defined]
+
+
+async def test_processing_names_the_runner_on_the_row_and_a_retry_clears_it(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    (gid,) = await _submitted(rt, alice, 1)
+    await StatusProcessor(rt).handle_batch([_processing(gid)])
+    assert await rt.pool.fetchval("SELECT runner FROM generations WHERE id = $1", gid) == "w1"
+    retried = await lifecycle.retry(
+        rt.pool, gid, attempt=1, allowed_from=frozenset({Status.PROCESSING})
+    )
+    assert retried is not None and retried["attempt"] == 2 and retried["runner"] is None
