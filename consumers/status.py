@@ -34,16 +34,6 @@ from core.storage import clear_generation, generation_prefix, sweep
 
 log = get_logger(__name__)
 
-# Submit -> completed of the winning attempt, for the duration metric.
-_SUBMITTED_AT = """
-    SELECT DISTINCT ON (e.generation_id) e.generation_id, e.created_at
-      FROM generation_events e
-      JOIN unnest($1::uuid[], $2::int[]) AS i(id, attempt)
-        ON e.generation_id = i.id AND e.attempt = i.attempt
-     WHERE e.status = 'submitted'
-     ORDER BY e.generation_id, e.id DESC
-"""
-
 
 def moot(reports: Sequence[JobStatus]) -> list[JobStatus]:
     """The reports left once those made moot by an outcome in the same batch are dropped:
@@ -160,9 +150,9 @@ class StatusProcessor:
         rows = await lifecycle.transition_many(self.rt.pool, Status.COMPLETED, changes)
         won = {row["id"] for row in rows}
         # Independent of each other (Postgres, the store): side by side, not in series.
+        self._observe_durations(rows)
         await asyncio.gather(
             self._discard_unused_images([r for r in reports if r.generation_id not in won]),
-            self._observe_durations(rows),
             self._clear_leftovers(rows),
         )
         for row in rows:
@@ -200,17 +190,13 @@ class StatusProcessor:
                         count=len(stale),
                     )
 
-    async def _observe_durations(self, rows: list[asyncpg.Record]) -> None:
-        if not rows:
-            return
-        submitted = await self.rt.pool.fetch(
-            _SUBMITTED_AT, [r["id"] for r in rows], [r["attempt"] for r in rows]
-        )
-        submitted_at = {s["generation_id"]: s["created_at"] for s in submitted}
+    @staticmethod
+    def _observe_durations(rows: list[asyncpg.Record]) -> None:
+        """Submit -> completed of the winning attempt, both times on its row."""
         for row in rows:
-            start = submitted_at.get(row["id"])
-            if start is not None and row["completed_at"] is not None:
-                seconds = (row["completed_at"] - start).total_seconds()
+            start, end = row["submitted_at"], row["completed_at"]
+            if start is not None and end is not None:
+                seconds = (end - start).total_seconds()
                 metrics.GENERATION_DURATION.labels(row["provider"]).observe(max(seconds, 0.0))
 
     async def _discard_unused_images(self, refused: list[JobStatus]) -> None:

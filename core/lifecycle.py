@@ -84,6 +84,8 @@ def _sets(to: Status, values: Mapping[str, str], bump_attempt: bool) -> str:
     """The SET list of a transition: status, then each column from its value expression."""
     sets = ["status = $3", "updated_at = now()"]
     sets += [f"{name} = {value}" for name, value in values.items()]
+    if to is Status.SUBMITTED:
+        sets.append("submitted_at = now()")  # the duration metric's start
     if to is Status.COMPLETED:
         sets.append("completed_at = now()")
         sets.append("progress = 1.0")

@@ -154,6 +154,8 @@ class Generation(SQLModel, table=True):
     progress: float | None = Field(default=None)
     created_at: datetime | None = _now_column()
     updated_at: datetime | None = _now_column()
+    # When the current attempt went to its provider (the `submitted` transition).
+    submitted_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     completed_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     next_check_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     deadline_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
