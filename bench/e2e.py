@@ -1057,6 +1057,10 @@ async def run_phase(
             "processing->completed (render+status)": stage(
                 seen["generation.processing"], completed_at
             ),
+            # A job done within GENGUI_WORKER_PROCESSING_AFTER_S reports no processing.
+            "submitted->completed (worker+status)": stage(
+                seen["generation.submitted"], completed_at
+            ),
             **(
                 {"completed->thumbnail": stage(completed_at, seen["thumbnail.ready"])}
                 if not args.no_thumbnails
