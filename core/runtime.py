@@ -48,7 +48,7 @@ def consumer_name(role: str) -> str:
 
 async def open_storage(settings: Settings) -> Storage:
     if settings.storage_backend == "local":
-        return LocalStorage(settings.images_dir)
+        return LocalStorage(settings.images_dir, sync=settings.storage_sync)
     if not settings.s3_bucket:
         raise ConfigurationError("GENGUI_S3_BUCKET is required with GENGUI_STORAGE_BACKEND=s3")
     return await S3Storage.create(

@@ -206,6 +206,15 @@ class Settings(BaseSettings):
             "`local`: files under the storage directory. `s3`: any S3 API (AWS, MinIO, R2)."
         ),
     )
+    storage_sync: Literal["group", "file"] = Field(
+        "group",
+        description=(
+            "How the local store makes a written object durable before it is reported: "
+            "`group` runs one syncfs for all the writes of about the same moment (Linux; "
+            "elsewhere `file`), `file` fsyncs each file and its directory. `group` also "
+            "flushes other processes' writes on that filesystem."
+        ),
+    )
     storage_dir: Path | None = Field(None, description="Local image root; default data_dir/images.")
     s3_bucket: str | None = Field(None, description="Bucket for images; required with `s3`.")
     s3_endpoint_url: str | None = Field(

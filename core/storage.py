@@ -8,11 +8,14 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import aioboto3
 import botocore.config
 from botocore.exceptions import ClientError
+
+from core import fsync
+from core.fsync import GroupSync
 
 # Local temp files live beside their target so os.replace stays a same-filesystem rename.
 _TMP_PREFIX = ".tmp-"
@@ -125,10 +128,17 @@ def thumbnail_key(user_id: uuid.UUID | str, generation_id: uuid.UUID | str, atte
 
 
 class LocalStorage:
-    """Objects as files under `root`; blocking I/O runs in worker threads."""
+    """Objects as files under `root`; blocking I/O runs in worker threads.
 
-    def __init__(self, root: Path) -> None:
+    ``sync="group"`` (where ``syncfs`` exists) makes concurrent writes durable together,
+    one ``syncfs`` for all of them (``core.fsync``); ``"file"`` fsyncs each file and its
+    directory."""
+
+    def __init__(self, root: Path, *, sync: Literal["group", "file"] = "group") -> None:
         self.root = root.resolve()
+        self._group: GroupSync | None = None
+        if sync == "group" and fsync.available():
+            self._group = GroupSync(self.root)
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -146,6 +156,7 @@ class LocalStorage:
         once the object and its directory entry are on disk."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        group = self._group
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -153,13 +164,25 @@ class LocalStorage:
                 os.fchmod(f.fileno(), 0o644)
                 f.write(data)
                 f.flush()
-                # Without fsync a crash after the rename can leave an empty file.
-                os.fsync(f.fileno())
+                if group is None:
+                    # Without fsync a crash after the rename can leave an empty file.
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        if group is not None:
+            # The data, the rename and any new directory, with the other writers'. Until
+            # it returns nobody is told of the object, so a crash before it loses only
+            # an object no report names (swept when its generation completes).
+            try:
+                group.wait()
+            except OSError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # not durable: not kept either
+                raise
+            return
         # Persist the rename itself (the directory entry).
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -243,7 +266,8 @@ class LocalStorage:
         return self._path(key)
 
     async def close(self) -> None:
-        return None
+        if self._group is not None:
+            self._group.close()
 
 
 def _error_code(exc: ClientError) -> str:

@@ -71,13 +71,15 @@ async def make_s3(
     )
 
 
-@pytest_asyncio.fixture(loop_scope="session", params=["local", "s3"])
+@pytest_asyncio.fixture(loop_scope="session", params=["local", "local-fsync", "s3"])
 async def storage(
     request: pytest.FixtureRequest, tmp_path: Path, moto_endpoint: str
 ) -> AsyncIterator[Storage]:
     store: Storage
     if request.param == "local":
-        store = LocalStorage(tmp_path / "store")
+        store = LocalStorage(tmp_path / "store")  # group commit (core.fsync)
+    elif request.param == "local-fsync":
+        store = LocalStorage(tmp_path / "store", sync="file")
     else:
         store = await make_s3(moto_endpoint)
     try:
