@@ -7,9 +7,9 @@ its own. Writers that finish at about the same time can share one instead:
 ``GroupSync.wait`` returns once a ``syncfs`` that *started after the call* has
 completed, and that flushes every file, rename and directory of the filesystem written
 before it. One writer runs the sync; the others that arrive meanwhile wait for the next
-one, which covers all of them. Measured with the worker (bench/README.md): 1.82 ->
-1.40 ms of worker CPU per stored image alone, and at 400 generations/s end to end,
-where the database fsyncs its WAL on the same disk, 2.3-3.0 -> 1.3-1.4 ms.
+one, which covers all of them. Measured with ``bench/worker_drain.py`` (bench/README.md):
+the worker's CPU per stored image 1.52-1.56 -> 1.35-1.44 ms, the machine's busy share
+75-78 -> 69-70 % (journal commits run in the kernel's threads, not the worker's).
 
 ``syncfs`` is Linux's; elsewhere ``available()`` is False and the store falls back to
 per-file fsyncs. It flushes everything dirty on the filesystem, other processes' writes
