@@ -212,7 +212,7 @@ async def run(args: argparse.Namespace) -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "machine": machine_info(),
         "git": git_info(),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": vars(args),
         "calibration_start": calibrate(),
     }
     rounds: list[dict[str, Any]] = []
@@ -268,8 +268,7 @@ async def run(args: argparse.Namespace) -> int:
             f"x{med['worker_cpu_ms_per_job'] / first['worker_cpu_ms_per_job']:.2f}"
         )
     print_calibration(meta)
-    path = write_results("worker-drain", stamp, {**meta, "rounds": rounds, "summary": summary})
-    print(f"results: {path}")
+    write_results("worker-drain", stamp, {**meta, "rounds": rounds, "summary": summary})
     return 0 if all(row["exit_code"] == 0 for row in rounds) else 1
 
 

@@ -40,7 +40,8 @@ def moot(reports: Sequence[JobStatus]) -> list[JobStatus]:
     the ``processing`` and ``progress`` of an attempt whose ``completed`` (with an image)
     or ``failed`` is here too. The row goes straight to its outcome (``submitted ->
     completed`` is a transition of its own), saving a statement, a history row and a
-    notice per generation; under load, when reads are long, that is most of them."""
+    notice for each. Reports meet their outcome in one read when they come in quick
+    succession (hosted runners, webhooks) or when the consumer lags behind a backlog."""
     final = {
         (r.generation_id, r.attempt)
         for r in reports

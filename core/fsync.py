@@ -11,7 +11,7 @@ one, which covers all of them. Measured with ``bench/worker_drain.py`` (bench/RE
 the worker's CPU per stored image 1.52-1.56 -> 1.35-1.44 ms, the machine's busy share
 75-78 -> 69-70 % (journal commits run in the kernel's threads, not the worker's).
 
-``syncfs`` is Linux's; elsewhere ``available()`` is False and the store falls back to
+``syncfs`` is Linux's; elsewhere ``syncfs_available()`` is False and the store falls back to
 per-file fsyncs. It flushes everything dirty on the filesystem, other processes' writes
 too: on a disk shared with a busy database that is I/O the database would otherwise do
 later, at its checkpoint (``GENGUI_STORAGE_SYNC=file`` keeps per-file fsyncs).
@@ -43,7 +43,7 @@ def _load_syncfs() -> SyncFn | None:
 _SYNCFS = _load_syncfs()
 
 
-def available() -> bool:
+def syncfs_available() -> bool:
     return _SYNCFS is not None
 
 

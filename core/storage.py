@@ -14,8 +14,7 @@ import aioboto3
 import botocore.config
 from botocore.exceptions import ClientError
 
-from core import fsync
-from core.fsync import GroupSync
+from core.fsync import GroupSync, syncfs_available
 
 # Local temp files live beside their target so os.replace stays a same-filesystem rename.
 _TMP_PREFIX = ".tmp-"
@@ -137,7 +136,7 @@ class LocalStorage:
     def __init__(self, root: Path, *, sync: Literal["group", "file"] = "group") -> None:
         self.root = root.resolve()
         self._group: GroupSync | None = None
-        if sync == "group" and fsync.available():
+        if sync == "group" and syncfs_available():
             self._group = GroupSync(self.root)
 
     def _path(self, key: str) -> Path:

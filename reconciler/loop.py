@@ -160,7 +160,7 @@ class Reconciler:
         # First: a row past its deadline fails, it is not retried by a lease below.
         counts["deadline"] = await self._deadlines()
         settled, counts["thumbnail"] = await asyncio.gather(
-            self._lease_and_settle(BATCH), self._thumbnails()
+            self._lease_and_settle(), self._thumbnails()
         )
         counts.update(settled)
         for reason, n in counts.items():
@@ -169,11 +169,11 @@ class Reconciler:
                 metrics.RECONCILER_RECOVERIES.labels(reason).inc(n)
         return dict(counts)
 
-    async def _lease_and_settle(self, limit: int) -> Counter[str]:
-        """Lease up to ``limit`` due rows and settle them by kind."""
+    async def _lease_and_settle(self) -> Counter[str]:
+        """Lease up to BATCH due rows and settle them by kind."""
         rows = await self.rt.pool.fetch(
             _LEASE_DUE,
-            limit,
+            BATCH,
             self.grace,
             list(self._leased_for_check),
             list(self._leased_for_check.values()),

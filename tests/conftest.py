@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -184,15 +185,19 @@ async def running(loops: dict, grace_s: float = 5.0) -> AsyncIterator[asyncio.Ev
         await asyncio.wait_for(task, grace_s + 5)
 
 
+def _pipeline_loops(rt: Runtime, engine: Any) -> dict[str, Any]:
+    from consumers.runner import consumer_loops
+    from providers.local.worker import worker_loops
+
+    return {**consumer_loops(rt), **worker_loops(rt, engine)}
+
+
 @pytest_asyncio.fixture
 async def pipeline(rt: Runtime) -> AsyncIterator[asyncio.Event]:
     """Consumers and a placeholder worker running against the test's runtime."""
-    from consumers.runner import consumer_loops
     from providers.local.engines import load_engine
-    from providers.local.worker import worker_loops
 
-    loops = {**consumer_loops(rt), **worker_loops(rt, load_engine("placeholder"))}
-    async with running(loops) as stop:
+    async with running(_pipeline_loops(rt, load_engine("placeholder"))) as stop:
         yield stop
 
 
@@ -203,8 +208,6 @@ class HeldEngine:
     name = "held"
 
     def __init__(self) -> None:
-        import threading
-
         from providers.local.engines import PlaceholderEngine
 
         self.release = threading.Event()
@@ -218,16 +221,13 @@ class HeldEngine:
 @pytest_asyncio.fixture
 async def held_pipeline(rt: Runtime) -> AsyncIterator[HeldEngine]:
     """``pipeline`` with a ``HeldEngine``: jobs wait in the worker until released."""
-    from consumers.runner import consumer_loops
-    from providers.local.worker import worker_loops
-
     engine = HeldEngine()
-    loops = {**consumer_loops(rt), **worker_loops(rt, engine)}
-    try:
-        async with running(loops):
+    async with running(_pipeline_loops(rt, engine)):
+        try:
             yield engine
-    finally:
-        engine.release.set()  # never leave an engine thread parked
+        finally:
+            # Before the worker stops: it finishes the job in hand, so never leave one held.
+            engine.release.set()
 
 
 async def wait_for_status(

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core import fsync
-from core.fsync import GroupSync
+from core.fsync import GroupSync, syncfs_available
 from core.storage import LocalStorage
 
 
@@ -76,7 +75,7 @@ def test_an_object_whose_sync_failed_is_not_kept(tmp_path: Path) -> None:
     assert list((tmp_path / "users/u/generations/g/1").iterdir()) == []  # no temp file either
 
 
-@pytest.mark.skipif(not fsync.available(), reason="syncfs is Linux's")
+@pytest.mark.skipif(not syncfs_available(), reason="syncfs is Linux's")
 def test_the_real_syncfs_runs(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path)
     assert store._group is not None
