@@ -489,7 +489,9 @@ async def run(args: argparse.Namespace) -> int:
         originals: dict[str, int] = defaultdict(int)
         for key in files:
             parts = key.split("/")
-            if len(parts) == 6 and parts[5].startswith("original."):
+            # users/<u>/generations/<g>/<attempt>-original.<ext> (or, stored before
+            # the attempt became a name prefix, .../<g>/<attempt>/original.<ext>)
+            if len(parts) in (5, 6) and parts[-1].split("-", 1)[-1].startswith("original."):
                 originals[parts[3]] += 1
         not_one = {gid: originals.get(gid, 0) for gid in by_id if originals.get(gid, 0) != 1}
         check(

@@ -95,7 +95,7 @@ def reports(ids: Sequence[UUID], user_id: UUID) -> list[dict[Any, Any]]:
                 generation_id=g,
                 attempt=1,
                 state="completed",
-                image_key=f"users/{user_id}/generations/{g}/1/original.png",
+                image_key=f"users/{user_id}/generations/{g}/1-original.png",
                 content_type="image/png",
                 source="bench-worker",
             )

@@ -113,6 +113,7 @@ def hosted_loops(
                 f"hosted-{name}",
                 batch=n,
                 concurrency=n,
+                continuous=True,  # a finished job's slot takes the next one
                 # Like GPU workers: a job of a dead runner is retried by the
                 # reconciler as attempt + 1, never re-run under its old attempt.
                 reclaim_idle_ms=int(rt.settings.provider_timeout_s * 2000),

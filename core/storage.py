@@ -114,16 +114,20 @@ async def clear_generation(
 
 # Keys carry the attempt: a late result of an older attempt can never overwrite the
 # image of a newer one, and the status consumer deletes such a refused object by key.
+# The attempt is a name prefix, not a directory: on a local disk each directory is an
+# inode and a block of its own, and the two mkdirs per image that a directory per
+# attempt took were a fifth of the worker's CPU (bench/README.md). Rows keep the key
+# they were stored under, so images stored as ``<attempt>/original.<ext>`` still serve.
 def original_key(
     user_id: uuid.UUID | str, generation_id: uuid.UUID | str, attempt: int, ext: str
 ) -> str:
     """Key of a generation's full-size image."""
-    return validate_key(f"users/{user_id}/generations/{generation_id}/{attempt}/original.{ext}")
+    return validate_key(f"{generation_prefix(user_id, generation_id)}{attempt}-original.{ext}")
 
 
 def thumbnail_key(user_id: uuid.UUID | str, generation_id: uuid.UUID | str, attempt: int) -> str:
     """Key of a generation's 128px WebP thumbnail."""
-    return validate_key(f"users/{user_id}/generations/{generation_id}/{attempt}/thumb-128.webp")
+    return validate_key(f"{generation_prefix(user_id, generation_id)}{attempt}-thumb-128.webp")
 
 
 class LocalStorage:

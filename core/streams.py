@@ -117,6 +117,10 @@ class ConsumerConfig:
     # Reads applied at once (with an ``order_key``): while one batch waits on its
     # statements the next is read and applied, unless it shares a key with one in flight.
     pipeline: int = 1
+    # Keep ``concurrency`` messages in hand, each acked once its own handler returned,
+    # and read as slots free up (GPU workers, hosted runners): a batch waits for its
+    # slowest message, so one long job would idle every other slot until it ends.
+    continuous: bool = False
 
 
 Handler = Callable[[M], Awaitable[None]]
@@ -138,6 +142,10 @@ class StreamConsumer(Generic[M]):
     With an ``order_key`` and ``config.pipeline`` > 1, up to ``pipeline`` reads are
     applied at once; a read that shares a key (a generation) with one in flight waits
     for it, so each key's messages are still applied in stream order.
+
+    With ``config.continuous``, messages are not batched at all: up to ``concurrency``
+    run at once, a read takes as many as there are free slots, and the acks of the
+    messages that finished meanwhile share one XACK.
     """
 
     reader: DedicatedRedis
@@ -169,6 +177,8 @@ class StreamConsumer(Generic[M]):
         backoff_s = 0.1
         stopping = asyncio.ensure_future(stop.wait())
         inflight: dict[asyncio.Task[None], set[Hashable]] = {}
+        running: set[asyncio.Task[None]] = set()  # continuous: one task per message
+        acks = _AckQueue(self)
         stopped = False
         try:
             while not stop.is_set():
@@ -179,13 +189,20 @@ class StreamConsumer(Generic[M]):
                     if time.monotonic() >= next_reclaim:
                         await self.reclaim()
                         next_reclaim = time.monotonic() + cfg.reclaim_interval_s
-                    response = await self._read(stopping)
+                    count = cfg.batch
+                    if cfg.continuous:
+                        count = await self._free_slots(running, stopping)
+                        if not count:
+                            continue  # stop was asked while every slot was taken
+                    response = await self._read(stopping, count)
                     entries: list[Entry] = [
                         entry
                         for _, stream_entries in cast(list[Any], response)
                         for entry in stream_entries
                     ]
-                    if entries:
+                    if entries and cfg.continuous:
+                        await self._start_each(entries, running, acks)
+                    elif entries:
                         # A failed XACK here (Redis gone) leaves entries pending; they
                         # are handled again after a reclaim, which handlers allow.
                         await self._handle(entries, inflight)
@@ -207,26 +224,28 @@ class StreamConsumer(Generic[M]):
                     continue
             stopped = True
         finally:
-            if inflight:
-                # Asked to stop: finish the batches in hand. Failing or cancelled:
-                # drop them; their entries stay pending and are reclaimed.
+            tasks = [*inflight, *running]
+            if tasks:
+                # Asked to stop: finish the batches or messages in hand. Failing or
+                # cancelled: drop them; their entries stay pending and are reclaimed.
                 if not stopped:
-                    for task in inflight:
+                    for task in tasks:
                         task.cancel()
-                await asyncio.gather(*inflight, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await acks.drain()
             stopping.cancel()
             # The consumer owns its dedicated connection: nothing else may use it.
             await self.reader.aclose()
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
 
-    async def _read(self, stopping: asyncio.Future[Any]) -> Any:
+    async def _read(self, stopping: asyncio.Future[Any], count: int) -> Any:
         """One XREADGROUP BLOCK, abandoned when stop is asked (returns []): shutdown never
         waits out a long block. Entries a cancelled read had already taken stay pending
         and are reclaimed like any other."""
         cfg = self.config
         read = asyncio.ensure_future(
             self.reader.xreadgroup(
-                cfg.group, cfg.consumer, {cfg.stream: ">"}, count=cfg.batch, block=cfg.block_ms
+                cfg.group, cfg.consumer, {cfg.stream: ">"}, count=count, block=cfg.block_ms
             )
         )
         await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -235,6 +254,34 @@ class StreamConsumer(Generic[M]):
         read.cancel()
         await asyncio.gather(read, return_exceptions=True)
         return []
+
+    async def _free_slots(
+        self, running: set[asyncio.Task[None]], stopping: asyncio.Future[Any]
+    ) -> int:
+        """Continuous: wait until a quarter of the slots are free, or all of them (or stop
+        is asked: 0); how many are. Reads of one entry each would cost a round trip per
+        message; a quarter still keeps most slots busy while one message runs long."""
+        n = self.config.concurrency
+        want = max(1, n // 4)
+        while running and n - len(running) < want and not stopping.done():
+            await asyncio.wait({*running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            return 0
+        return n - len(running)
+
+    async def _start_each(
+        self, entries: Sequence[Entry], running: set[asyncio.Task[None]], acks: _AckQueue
+    ) -> None:
+        """Continuous: a task per message, acked (with others) when it succeeded."""
+
+        async def one(entry_id: bytes, message: M) -> None:
+            if await self._run_one(entry_id, message):
+                acks.add(entry_id)
+
+        for entry_id, message in await self._parse(entries):
+            task = asyncio.create_task(one(entry_id, message))
+            running.add(task)
+            task.add_done_callback(running.discard)
 
     async def _handle(
         self, entries: Sequence[Entry], inflight: dict[asyncio.Task[None], set[Hashable]]
@@ -292,29 +339,34 @@ class StreamConsumer(Generic[M]):
 
         async def one(entry_id: bytes, message: M) -> None:
             async with sem:
-                self._series.consumed.inc()
-                started = time.perf_counter()
-                try:
-                    await self.handler(message)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._series.failures.inc()
-                    if len(self._last_error) > 10_000:
-                        # Entries reclaimed by another consumer never come back here.
-                        self._last_error.clear()
-                    self._last_error[entry_id] = repr(exc)
-                    log.exception(
-                        "consumer.handler_failed", stream=cfg.stream, entry_id=entry_id.decode()
-                    )
-                    return
-                finally:
-                    self._series.handler_duration.observe(time.perf_counter() - started)
-            self._last_error.pop(entry_id, None)
-            done.append(entry_id)
+                if await self._run_one(entry_id, message):
+                    done.append(entry_id)
 
         await asyncio.gather(*(one(entry_id, message) for entry_id, message in messages))
         await self._ack(done)
+
+    async def _run_one(self, entry_id: bytes, message: M) -> bool:
+        """``handler`` on one message; False (logged, its error kept) if it failed."""
+        self._series.consumed.inc()
+        started = time.perf_counter()
+        try:
+            await self.handler(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._series.failures.inc()
+            if len(self._last_error) > 10_000:
+                # Entries reclaimed by another consumer never come back here.
+                self._last_error.clear()
+            self._last_error[entry_id] = repr(exc)
+            log.exception(
+                "consumer.handler_failed", stream=self.config.stream, entry_id=entry_id.decode()
+            )
+            return False
+        finally:
+            self._series.handler_duration.observe(time.perf_counter() - started)
+        self._last_error.pop(entry_id, None)
+        return True
 
     async def _run_batch(
         self, handler: BatchHandler[M], messages: list[tuple[bytes, M]]
@@ -404,6 +456,40 @@ class StreamConsumer(Generic[M]):
             generation_id=_generation_id(raw),
             error=error[:200],
         )
+
+
+class _AckQueue:
+    """Acks of messages finished one by one, sent together: those that finish while an
+    XACK is in flight go with the next one. A failed XACK (Redis gone) leaves its
+    entries pending, handled again after a reclaim, which handlers allow."""
+
+    def __init__(self, consumer: StreamConsumer[Any]) -> None:
+        self._consumer = consumer
+        self._ids: list[bytes] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def add(self, entry_id: bytes) -> None:
+        self._ids.append(entry_id)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._ids:
+            ids, self._ids = self._ids, []
+            try:
+                await self._consumer._ack(ids)
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                log.warning(
+                    "consumer.ack_failed",
+                    stream=self._consumer.config.stream,
+                    count=len(ids),
+                    error=repr(exc),
+                )
+
+    async def drain(self) -> None:
+        """Wait for the acks in flight (shutdown)."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
 
 
 def _generation_id(raw: bytes) -> str | None:

@@ -210,7 +210,7 @@ def generate(
     if PROCESSING_REPORT:
         status.delay(generation_id, attempt, "processing")
     data = render_placeholder(prompt, negative_prompt, width, height, seed)
-    key = f"users/{user_id}/generations/{generation_id}/{attempt}/original.png"
+    key = f"users/{user_id}/generations/{generation_id}/{attempt}-original.png"
     _store(key, data)
     status.delay(generation_id, attempt, "completed", key)
 

@@ -177,6 +177,10 @@ def worker_loops(rt: Runtime, engine: Engine) -> dict[str, Loop]:
         dedicated_client(rt.redis_url),
         rt.redis,
         # Take only as many jobs as we run at once: the rest stay for other workers.
+        # Batched, not ``continuous`` as hosted runners are: a GPU worker runs one job
+        # at a time, where the two are the same, and for many instant jobs a read and
+        # an XACK per batch cost less than per few jobs (bench/worker_drain.py: 5-14 %
+        # more worker CPU per job continuous, bench/README.md).
         rt.consumer_config(
             rt.settings.keys.jobs_local,
             GROUP_GPU_WORKERS,

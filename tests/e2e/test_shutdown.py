@@ -181,7 +181,7 @@ async def events(pool: asyncpg.Pool, user_id: uuid.UUID) -> list[asyncpg.Record]
 
 def originals(procs: Procs, user_id: uuid.UUID, generation_id: uuid.UUID) -> list[Path]:
     root = Path(procs.env["GENGUI_DATA_DIR"]) / "images" / "users" / str(user_id)
-    return sorted((root / "generations" / str(generation_id)).glob("*/original.*"))
+    return sorted((root / "generations" / str(generation_id)).glob("*original.*"))
 
 
 def assert_one_image_each(procs: Procs, user_id: uuid.UUID, found: list[Any]) -> None:

@@ -81,7 +81,7 @@ async def test_redis_losing_every_stream_mid_run_still_completes_everything(
     assert len(rows) == 40
     # Exactly one image and one thumbnail per generation, nothing orphaned.
     stored = await fast_rt.storage.list_keys(f"users/{alice.user_id}/")
-    originals = [k for k in stored if "/original." in k]
+    originals = [k for k in stored if "-original." in k]
     thumbs = [k for k in stored if k.endswith("thumb-128.webp")]
     assert len(originals) == 40 and len(thumbs) == 40, stored
     referenced = await fast_rt.pool.fetch(
@@ -146,5 +146,5 @@ async def test_job_of_a_dead_worker_is_finished_by_another_under_a_new_attempt(
                 await asyncio.sleep(0.05)
     assert (row["status"], row["attempt"]) == ("completed", 2)
     stored = await fast_rt.storage.list_keys(f"users/{alice.user_id}/")
-    assert [k for k in stored if "/original." in k] == [row["image_key"]]
-    assert f"/{gid}/2/" in row["image_key"]
+    assert [k for k in stored if "-original." in k] == [row["image_key"]]
+    assert f"/{gid}/2-" in row["image_key"]

@@ -243,4 +243,4 @@ async def test_thumbnail_clears_a_partial_write_left_by_a_killed_writer(
     )
     assert not leftover.exists()
     keys = await rt.storage.list_keys(generation_prefix(alice.user_id, gid))
-    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["original.png", "thumb-128.webp"]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["1-original.png", "1-thumb-128.webp"]

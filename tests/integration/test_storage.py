@@ -106,9 +106,9 @@ async def test_key_builders_accept_uuid_and_str() -> None:
     gen = uuid.UUID("00000000-0000-0000-0000-0000000000ff")
     assert original_key(user, gen, 2, "jpg") == (
         "users/00000000-0000-0000-0000-000000000001/generations/"
-        "00000000-0000-0000-0000-0000000000ff/2/original.jpg"
+        "00000000-0000-0000-0000-0000000000ff/2-original.jpg"
     )
-    assert thumbnail_key("u1", "g1", 1) == "users/u1/generations/g1/1/thumb-128.webp"
+    assert thumbnail_key("u1", "g1", 1) == "users/u1/generations/g1/1-thumb-128.webp"
 
 
 @pytest.mark.parametrize("bad", BAD_KEYS)
@@ -187,7 +187,7 @@ async def test_list_keys_by_prefix(storage: Storage) -> None:
     assert await storage.list_keys("users/u1/") == sorted(keys[:3])
     # A plain string prefix, as in S3: "users/u1" also matches "users/u10/...".
     assert await storage.list_keys("users/u1") == sorted(keys[:4])
-    assert await storage.list_keys("users/u1/generations/g1/1/thumb") == [keys[1]]
+    assert await storage.list_keys("users/u1/generations/g1/1-thumb") == [keys[1]]
     assert await storage.list_keys("") == sorted(keys)
     assert await storage.list_keys("users/nobody/") == []
 
@@ -270,7 +270,7 @@ async def test_local_failed_put_keeps_old_object_and_no_temp(
 
     assert await store.get(key) == b"old"
     # The temp file was removed, so the directory holds only the real object.
-    assert names((tmp_path / key).parent) == ["original.png"]
+    assert names((tmp_path / key).parent) == [key.rsplit("/", 1)[1]]
 
 
 async def test_local_temp_name_keys_rejected(tmp_path: Path) -> None:
@@ -337,11 +337,15 @@ async def test_discard_partials_clears_every_prefix_named_and_no_other(tmp_path:
     storage = LocalStorage(tmp_path)
     owner = uuid.uuid4()
     gens = [uuid.uuid4() for _ in range(3)]
-    for gid in gens:
+    partials = []
+    for i, gid in enumerate(gens):
         await storage.put(original_key(owner, gid, 1, "png"), b"whole", "image/png")
-        (tmp_path / generation_prefix(owner, gid) / "1" / ".tmp-killed").write_bytes(b"half")
+        # The first in a directory per attempt, as keys were laid out before.
+        parent = tmp_path / generation_prefix(owner, gid) / ("1" if i == 0 else "")
+        parent.mkdir(exist_ok=True)
+        partials.append(parent / ".tmp-killed")
+        partials[-1].write_bytes(b"half")
     named = [generation_prefix(owner, gid) for gid in gens[:2]]
     assert await storage.discard_partials(*named) == 2
     assert await storage.discard_partials() == 0
-    partials = [tmp_path / generation_prefix(owner, gid) / "1" / ".tmp-killed" for gid in gens]
     assert [p.exists() for p in partials] == [False, False, True]

@@ -262,3 +262,78 @@ async def test_consumer_rides_out_a_redis_restart(tmp_path, msg: GenerationReque
         await ops.aclose()
         if second is not None:
             second.stop()
+
+
+class Gate:
+    """Holds the messages named in ``held`` until ``release``; records every finish."""
+
+    def __init__(self, held: set[uuid.UUID]) -> None:
+        self.held = held
+        self.released = asyncio.Event()
+        self.finished: list[uuid.UUID] = []
+
+    async def __call__(self, msg: GenerationRequested) -> None:
+        if msg.generation_id in self.held:
+            await self.released.wait()
+        self.finished.append(msg.generation_id)
+
+
+async def _until(predicate, limit_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(limit_s):
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_continuous_consumer_runs_past_a_long_message(rt: Runtime) -> None:
+    """One message that runs long holds one slot, not the whole read: the messages read
+    with it and after it finish and are acked while it still runs."""
+    slow, *fast = [GenerationRequested(generation_id=uuid.uuid4(), attempt=1) for _ in range(12)]
+    gate = Gate({slow.generation_id})
+    stream = rt.settings.keys.requested
+    async with consuming(rt, gate, batch=4, concurrency=4, continuous=True):
+        for m in (slow, *fast):
+            await rt.publisher.send(stream, m)
+        await _until(lambda: _finished(gate, len(fast)))
+        assert set(gate.finished) == {m.generation_id for m in fast}
+        await _until(lambda: _pending_is(rt, 1))  # only the slow one is unacked
+        gate.released.set()
+        await _until(lambda: _pending_is(rt, 0))
+    assert gate.finished[-1] == slow.generation_id
+
+
+async def test_batch_consumer_waits_for_its_slowest_message(rt: Runtime) -> None:
+    """The contrast, for the consumers that batch on purpose: the read after a batch
+    waits until every message of the batch is done."""
+    slow, *fast = [GenerationRequested(generation_id=uuid.uuid4(), attempt=1) for _ in range(8)]
+    gate = Gate({slow.generation_id})
+    stream = rt.settings.keys.requested
+    async with consuming(rt, gate, batch=4, concurrency=4):
+        for m in (slow, *fast):
+            await rt.publisher.send(stream, m)
+        await _until(lambda: _finished(gate, 3))
+        await asyncio.sleep(0.3)
+        assert len(gate.finished) == 3  # the second read has not happened
+        gate.released.set()
+        await _until(lambda: _pending_is(rt, 0))
+    assert len(gate.finished) == 8
+
+
+async def test_continuous_consumer_finishes_messages_in_hand_on_stop(rt: Runtime) -> None:
+    msgs = [GenerationRequested(generation_id=uuid.uuid4(), attempt=1) for _ in range(3)]
+    gate = Gate({m.generation_id for m in msgs})
+    async with consuming(rt, gate, batch=4, concurrency=4, continuous=True):
+        for m in msgs:
+            await rt.publisher.send(rt.settings.keys.requested, m)
+        await _until(lambda: _pending_is(rt, 3))
+        # Released only once the stop is asked: the consumer must wait for them.
+        asyncio.get_running_loop().call_later(0.2, gate.released.set)
+    assert sorted(map(str, gate.finished)) == sorted(str(m.generation_id) for m in msgs)
+    assert await _pending(rt) == 0  # their acks went out before the loop returned
+
+
+async def _finished(gate: Gate, n: int) -> bool:
+    return len(gate.finished) >= n
+
+
+async def _pending_is(rt: Runtime, n: int) -> bool:
+    return await _pending(rt) == n
