@@ -16,7 +16,7 @@ Beside them live ``--stuck`` rows of each kind, not due; at each size:
   (a round that retries a row is an error): ``queued`` (never dispatched: requeued, one
   XADD each in one pipeline), ``submitted`` (local job with a backlog in the worker
   queue: left alone, one XINFO for the queue), ``processing`` (local job whose worker
-  heartbeats: left alone, one history query for all rows and one EXISTS per worker),
+  heartbeats, its key naming the job: left alone, one MGET of the runners' keys),
   ``mixed`` (a third of each).
 
 Figures: tick ms (p50 / max) for the empty tick and for the first tick of each round
@@ -71,6 +71,7 @@ from e2e import (
     write_results,
 )
 
+from core import heartbeats
 from core.keys import GROUP_GPU_WORKERS
 from core.logging import configure_logging
 from core.runtime import Runtime, open_runtime
@@ -150,7 +151,10 @@ async def make_stuck(rt: Runtime, user_id: UUID, per_kind: int) -> dict[str, lis
     # One entry no runner took yet: the queue is slow, not lost (lag 1).
     await rt.redis.xadd(keys.jobs_local, {"__data__": b"{}"})
     await rt.redis.xgroup_create(keys.jobs_local, GROUP_GPU_WORKERS, id="0")
-    await rt.redis.set(keys.worker_heartbeat(WORKER), "1", ex=3600)
+    # The key as a live worker writes it, naming every job it holds (core.heartbeats).
+    held = heartbeats.InHand()
+    held.jobs.update(heartbeats.job_ref(g, 1) for g in stuck["processing"])
+    await rt.redis.set(keys.worker_heartbeat(WORKER), held.value(), ex=3600)
     return stuck
 
 

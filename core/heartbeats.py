@@ -74,15 +74,27 @@ async def beat(rt: Runtime, runner_id: str, in_hand: InHand, stop: asyncio.Event
         await rt.redis.delete(key)
 
 
-def holds(value: bytes | str | None, generation_id: UUID | str, attempt: int) -> bool:
-    """Whether a runner whose key holds ``value`` is working on this job. A key in the
-    older format (a bare timestamp) says only that its runner lives: it holds everything."""
+def jobs_held(value: bytes | str | None) -> frozenset[str] | None:
+    """The jobs (``job_ref``) a runner whose key holds ``value`` is working on: empty for
+    no key, None for a key in the older format (a bare timestamp), which says only that
+    its runner lives: it holds everything. Parse a key once for all the rows it runs
+    (the reconciler looks at many rows of few runners)."""
     if value is None:
-        return False
+        return frozenset()
     try:
         data = json.loads(value)
     except ValueError:
-        return True
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
-        return True
-    return job_ref(generation_id, attempt) in data["jobs"]
+        return None
+    return frozenset(str(job) for job in data["jobs"])
+
+
+def covers(held: frozenset[str] | None, generation_id: UUID | str, attempt: int) -> bool:
+    """Whether ``held`` (from ``jobs_held``) includes this job."""
+    return held is None or job_ref(generation_id, attempt) in held
+
+
+def holds(value: bytes | str | None, generation_id: UUID | str, attempt: int) -> bool:
+    """Whether a runner whose key holds ``value`` is working on this job."""
+    return covers(jobs_held(value), generation_id, attempt)

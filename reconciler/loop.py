@@ -289,11 +289,12 @@ class Reconciler:
         keys = self.rt.settings.keys
         # A few workers run many jobs: one GET per worker, all in one round trip.
         beats = await self.rt.redis.mget([keys.worker_heartbeat(source) for source in sources])
-        beat = dict(zip(sources, beats, strict=True))
+        # Each key parsed once, not once per row: a runner's key names every job it holds.
+        held = {s: heartbeats.jobs_held(v) for s, v in zip(sources, beats, strict=True)}
         return {
             r["id"]
             for r in rows
-            if r["runner"] and heartbeats.holds(beat.get(r["runner"]), r["id"], r["attempt"])
+            if r["runner"] and heartbeats.covers(held[r["runner"]], r["id"], r["attempt"])
         }
 
     async def _poll_all(self, leased: Sequence[asyncpg.Record]) -> list[str | None]:

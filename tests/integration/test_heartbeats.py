@@ -8,7 +8,7 @@ import json
 import uuid
 
 from core import heartbeats, lifecycle
-from core.heartbeats import InHand, holds
+from core.heartbeats import InHand, covers, holds, jobs_held
 from core.lifecycle import Status
 from core.runtime import Runtime
 from reconciler.loop import Reconciler
@@ -53,6 +53,9 @@ def test_holds_reads_the_jobs_and_trusts_an_older_runner() -> None:
     assert not holds(value, uuid.uuid4(), 1)
     assert not holds(None, gid, 1)
     assert holds("2026-11-23T00:00:00+00:00", gid, 1)  # the format before job lists
+    held = jobs_held(value)
+    assert held == {f"{gid}:1"} and covers(held, gid, 1) and not covers(held, gid, 2)
+    assert jobs_held(None) == frozenset() and jobs_held("not json") is None
 
 
 async def test_a_live_runner_that_no_longer_holds_a_job_gets_it_retried(
