@@ -69,10 +69,12 @@ class Dispatcher:
         return True
 
     async def handle_batch(
-        self, requests: Sequence[GenerationRequested]
+        self, requests: Sequence[GenerationRequested], outbox: Outbox | None = None
     ) -> list[GenerationRequested]:
         """Claims and publishes the queue providers' requests in bulk; returns the
-        requests for other providers, which ``handle`` takes one at a time."""
+        requests for other providers, which ``handle`` takes one at a time. The jobs and
+        notices go into ``outbox`` when given (the consumer sends them with the batch's
+        ack), else they are sent here."""
         rt = self.rt
         queued = await rt.pool.fetch(
             "SELECT id, attempt, provider FROM generations"
@@ -98,7 +100,9 @@ class Dispatcher:
             for (gid, attempt), p in queues.items()
         ]
         claimed = await lifecycle.transition_many(rt.pool, Status.SUBMITTED, changes)
-        outbox = Outbox(rt.publisher)
+        own = outbox is None
+        if outbox is None:
+            outbox = Outbox(rt.publisher)
         for row in claimed:
             provider = self.providers.dispatch[row["provider"]]
             assert isinstance(provider, QueueProvider)
@@ -106,7 +110,8 @@ class Dispatcher:
             outbox.notify(row, "generation.submitted")
         # A failure here leaves claimed rows without a job: the reconciler finds their
         # queue empty after check_after and retries them, as after a crash.
-        await outbox.flush()
+        if own:
+            await outbox.flush()
         for row in claimed:
             log.info(
                 "generation.dispatched",

@@ -88,6 +88,8 @@ def consumer_loops(
             handler,
             batch_handler,
             order_key,
+            # Batch handlers' outboxes go out with their batch's XACK.
+            publisher=rt.publisher,
         )
         loops[f"consumer:{role}"] = consumer.run
     return loops

@@ -83,9 +83,15 @@ class StatusProcessor:
     async def handle(self, report: JobStatus) -> None:
         await self.handle_batch([report])
 
-    async def handle_batch(self, reports: Sequence[JobStatus]) -> list[JobStatus]:
-        """Applies every report: none is left for one-at-a-time handling."""
-        outbox = Outbox(self.rt.publisher)
+    async def handle_batch(
+        self, reports: Sequence[JobStatus], outbox: Outbox | None = None
+    ) -> list[JobStatus]:
+        """Applies every report: none is left for one-at-a-time handling. What it tells
+        goes into ``outbox`` when given (the consumer sends it with the batch's ack),
+        else it is sent here."""
+        own = outbox is None
+        if outbox is None:
+            outbox = Outbox(self.rt.publisher)
         try:
             for batch in rounds(moot(reports)):
                 by_state: dict[str, list[JobStatus]] = defaultdict(list)
@@ -103,8 +109,10 @@ class StatusProcessor:
                     if isinstance(result, BaseException):
                         raise result
         finally:
-            # What did move is told even if a later part of the batch failed.
-            await outbox.flush()
+            # What did move is told even if a later part of the batch failed (by the
+            # consumer, with a given outbox).
+            if own:
+                await outbox.flush()
         return []
 
     async def _processing(self, reports: list[JobStatus], outbox: Outbox) -> None:

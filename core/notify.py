@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,11 @@ while pos <= #data do
   local kind, key = nextfield(), nextfield()
   if kind == 'm' then
     redis.call('XADD', key, 'MAXLEN', '~', m_maxlen, '*', field, nextfield())
+  elseif kind == 'a' then
+    local group, acked = nextfield(), {}
+    for i = 1, tonumber(nextfield()) do acked[i] = nextfield() end
+    -- pcall: a group deleted meanwhile (FLUSHALL) must not fail what was sent before
+    redis.pcall('XACK', key, group, unpack(acked))
   else
     local channel, payload = nextfield(), nextfield()
     local id = redis.call('XADD', key, 'MAXLEN', '~', n_maxlen, '*', field, payload)
@@ -83,6 +88,8 @@ end
 return ids
 """
 _OUTBOX_SHA = hashlib.sha1(_OUTBOX_LUA.encode()).hexdigest()
+# Lua's unpack() takes a few thousand values at most: longer acks are split.
+_ACKS_PER_CALL = 1000
 
 
 def parse_id(raw: str | bytes) -> StreamId | None:
@@ -206,9 +213,10 @@ class Outbox:
         self._required = False
         self._notices = 0
         self._messages = 0
+        self._acks = 0
 
     def __len__(self) -> int:
-        return self._notices + self._messages
+        return self._notices + self._messages + self._acks
 
     def notify(self, row: asyncpg.Record, event_type: UserEventType) -> None:
         keys, user_id = self.publisher.keys, row["user_id"]
@@ -226,14 +234,26 @@ class Outbox:
         self._messages += 1
         self._required = self._required or required
 
-    async def flush(self) -> None:
+    def ack(self, stream: str, group: str, entry_ids: Sequence[bytes]) -> None:
+        """XACK ``entry_ids`` in the same call, after everything added before: a consumer
+        acks a batch with what handling it sent, one round trip for both, and a crash
+        can not fall between the two (``StreamConsumer``)."""
+        for start in range(0, len(entry_ids), _ACKS_PER_CALL):
+            chunk = entry_ids[start : start + _ACKS_PER_CALL]
+            self._fields += [b"a", stream.encode(), group.encode(), str(len(chunk)).encode()]
+            self._fields += chunk
+            self._acks += len(chunk)
+
+    async def flush(self) -> bool:
+        """Send it all; False if the call failed with nothing required in it (logged)."""
         if not self._fields:
-            return
-        fields, required, notices, messages = (
+            return True
+        fields, required, notices, messages, acks = (
             self._fields,
             self._required,
             self._notices,
             self._messages,
+            self._acks,
         )
         self._clear()
         try:
@@ -243,7 +263,9 @@ class Outbox:
                 log.warning("notify.failed", count=notices, error=repr(exc))
             if required:
                 raise
-            log.warning("outbox.send_failed", count=messages, error=repr(exc))
+            log.warning("outbox.send_failed", count=messages, acks=acks, error=repr(exc))
+            return False
+        return True
 
 
 async def _run_outbox(redis: SharedRedis, fields: list[bytes], *, maxlen: int) -> list[str]:

@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, NewType, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NewType, TypeVar, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -34,6 +34,9 @@ from core.events import DATA_FIELD, DeadLetter, Message, UserEvent
 from core.keys import Keys
 from core.logging import get_logger
 from core.metrics import StreamSeries
+
+if TYPE_CHECKING:
+    from core.notify import Outbox
 
 log = get_logger(__name__)
 
@@ -125,7 +128,9 @@ class ConsumerConfig:
 
 Handler = Callable[[M], Awaitable[None]]
 # Applies what it can of a batch in bulk; returns the messages it leaves to ``Handler``.
-BatchHandler = Callable[[Sequence[M]], Awaitable[Sequence[M]]]
+# With the consumer's ``publisher`` it is also handed an ``Outbox`` to fill, sent with
+# the batch's XACK.
+BatchHandler = Callable[..., Awaitable[Sequence[M]]]
 
 
 @dataclass
@@ -143,6 +148,11 @@ class StreamConsumer(Generic[M]):
     applied at once; a read that shares a key (a generation) with one in flight waits
     for it, so each key's messages are still applied in stream order.
 
+    With a ``publisher`` too, the batch handler fills an ``Outbox`` (``core.notify``)
+    instead of sending its own, and the consumer sends it with the batch's XACK in one
+    script call: one round trip fewer per batch, and no crash can fall between what a
+    batch sends and its ack (which would have the batch handled again).
+
     With ``config.continuous``, messages are not batched at all: up to ``concurrency``
     run at once, a read takes as many as there are free slots, and the acks of the
     messages that finished meanwhile share one XACK.
@@ -155,6 +165,7 @@ class StreamConsumer(Generic[M]):
     handler: Handler[M]
     batch_handler: BatchHandler[M] | None = None
     order_key: Callable[[M], Hashable] | None = None
+    publisher: Publisher | None = None
     _last_error: dict[bytes, str] = field(default_factory=dict)
     _series: StreamSeries = field(init=False, repr=False)
 
@@ -331,10 +342,22 @@ class StreamConsumer(Generic[M]):
         done: list[bytes] = []
         batch = self.batch_handler
         if batch is not None and messages:
-            left = await self._run_batch(batch, messages)
-            if left is not None:
+            outbox = None
+            if self.publisher is not None:
+                from core.notify import Outbox  # core.notify imports this module
+
+                outbox = Outbox(self.publisher)
+            left = await self._run_batch(batch, messages, outbox)
+            if left is None:
+                if outbox is not None:
+                    await self._send_batch(outbox, [])  # what did move is told
+            else:
                 left_ids = {entry_id for entry_id, _ in left}
-                await self._ack([entry_id for entry_id, _ in messages if entry_id not in left_ids])
+                handled = [entry_id for entry_id, _ in messages if entry_id not in left_ids]
+                if outbox is None:
+                    await self._ack(handled)
+                else:
+                    await self._send_batch(outbox, handled)
                 messages = left
 
         async def one(entry_id: bytes, message: M) -> None:
@@ -368,14 +391,29 @@ class StreamConsumer(Generic[M]):
         self._last_error.pop(entry_id, None)
         return True
 
+    async def _send_batch(self, outbox: Outbox, handled: list[bytes]) -> None:
+        """What a batch handler put in ``outbox``, then the XACK of ``handled``, in one
+        call. If it fails the entries stay pending: a reclaim hands them to ``handler``
+        again, which finds them applied (handlers are idempotent)."""
+        outbox.ack(self.config.stream, self.config.group, handled)
+        try:
+            sent = await outbox.flush()
+        except Exception as exc:
+            log.warning("consumer.batch_unacked", stream=self.config.stream, error=repr(exc))
+            return
+        if sent:
+            self._series.acked.inc(len(handled))
+
     async def _run_batch(
-        self, handler: BatchHandler[M], messages: list[tuple[bytes, M]]
+        self, handler: BatchHandler[M], messages: list[tuple[bytes, M]], outbox: Outbox | None
     ) -> list[tuple[bytes, M]] | None:
         """The whole batch in one call: the entries it left for ``handler``, or None
         (logged) when it raised."""
         started = time.perf_counter()
+        batch = [m for _, m in messages]
         try:
-            left = {id(message) for message in await handler([m for _, m in messages])}
+            returned = await (handler(batch) if outbox is None else handler(batch, outbox))
+            left = {id(message) for message in returned}
         except asyncio.CancelledError:
             raise
         except Exception:

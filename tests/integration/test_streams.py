@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 import structlog.testing
+from redis.exceptions import ResponseError
 
 from core.events import DeadLetter, GenerationRequested
+from core.notify import Outbox
 from core.runtime import Runtime
 from core.streams import ConsumerConfig, StreamConsumer, dedicated_client, encode
 
@@ -337,3 +339,102 @@ async def _finished(gate: Gate, n: int) -> bool:
 
 async def _pending_is(rt: Runtime, n: int) -> bool:
     return await _pending(rt) == n
+
+
+class Forwarder:
+    """A batch handler that forwards each message to ``to`` through the given outbox."""
+
+    def __init__(self, to: str, fail: bool = False) -> None:
+        self.to = to
+        self.fail = fail
+        self.batches = 0
+        self.singles: list[GenerationRequested] = []
+
+    async def batch(self, messages: list[GenerationRequested], outbox: Outbox) -> list[object]:
+        self.batches += 1
+        for m in messages:
+            outbox.send(self.to, m)
+        if self.fail:
+            raise RuntimeError("half way")
+        return []
+
+    async def one(self, msg: GenerationRequested) -> None:
+        self.singles.append(msg)
+
+
+@contextlib.asynccontextmanager
+async def batch_consuming(rt: Runtime, fwd: Forwarder) -> AsyncIterator[StreamConsumer]:
+    consumer = StreamConsumer(
+        dedicated_client(rt.redis_url),
+        rt.redis,
+        _config(rt, "b1", batch=10),
+        GenerationRequested,
+        fwd.one,
+        fwd.batch,
+        publisher=rt.publisher,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def _forwarded(rt: Runtime, to: str) -> list[uuid.UUID]:
+    entries = await rt.redis.xrange(to)
+    return [
+        GenerationRequested.model_validate_json(f[b"__data__"]).generation_id for _, f in entries
+    ]
+
+
+async def test_batch_outbox_goes_out_with_the_batch_ack(rt: Runtime) -> None:
+    to = f"{rt.settings.keys.requested}:forwarded"
+    fwd = Forwarder(to)
+    msgs = [GenerationRequested(generation_id=uuid.uuid4(), attempt=1) for _ in range(5)]
+    async with batch_consuming(rt, fwd):
+        for m in msgs:
+            await rt.publisher.send(rt.settings.keys.requested, m)
+        await _until(lambda: _forwarded_n(rt, to, 5))
+        await _until(lambda: _pending_is(rt, 0))
+    assert sorted(map(str, await _forwarded(rt, to))) == sorted(str(m.generation_id) for m in msgs)
+    assert fwd.singles == []
+
+
+async def test_a_failed_batch_tells_what_moved_and_is_not_acked_with_it(rt: Runtime) -> None:
+    """The handler raised half way: what it had put in the outbox still goes out, without
+    the ack; each message then runs alone (and is acked on its own)."""
+    to = f"{rt.settings.keys.requested}:forwarded"
+    fwd = Forwarder(to, fail=True)
+    msg = GenerationRequested(generation_id=uuid.uuid4(), attempt=1)
+    async with batch_consuming(rt, fwd):
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await _until(lambda: _forwarded_n(rt, to, 1))
+        await _until(lambda: _pending_is(rt, 0))
+    assert await _forwarded(rt, to) == [msg.generation_id]
+    assert fwd.singles == [msg]
+
+
+async def test_outbox_ack_is_not_applied_when_a_message_before_it_fails(rt: Runtime) -> None:
+    """A required message that Redis refuses (a key of the wrong type) stops the script
+    before the XACK: the entry stays pending, to be handled again."""
+    stream = rt.settings.keys.requested
+    await rt.redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    await rt.publisher.send(stream, GenerationRequested(generation_id=uuid.uuid4(), attempt=1))
+    [[_, [(entry_id, _)]]] = await rt.redis.xreadgroup("g", "c", {stream: ">"}, count=1)
+    bad = f"{stream}:not-a-stream"
+    await rt.redis.set(bad, "x")
+    outbox = Outbox(rt.publisher)
+    outbox.send(bad, GenerationRequested(generation_id=uuid.uuid4(), attempt=1))
+    outbox.ack(stream, "g", [entry_id])
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await outbox.flush()
+    assert await _pending(rt) == 1
+    outbox.ack(stream, "g", [entry_id])
+    assert await outbox.flush() is True
+    assert await _pending(rt) == 0
+
+
+async def _forwarded_n(rt: Runtime, to: str, n: int) -> bool:
+    return await rt.redis.xlen(to) >= n
