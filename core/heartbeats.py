@@ -3,9 +3,10 @@ has in hand, so the reconciler can tell a long job on a live runner from a job w
 result was lost.
 
 The key ``worker:{id}`` holds ``{"at": <iso time>, "jobs": ["<generation>:<attempt>", ...]}``
-with a TTL of three beats; it is rewritten every ``worker_heartbeat_s`` and as soon as a
-job is taken (so a new job is listed long before the reconciler first looks at it), and
-deleted on a clean stop. A job the runner finished drops out at the next beat: if its
+with a TTL of three beats; it is rewritten every ``worker_heartbeat_s`` and soon after a
+job is taken (so a new job is listed long before the reconciler first looks at it; a job
+already finished by then is not worth a write: most jobs of a fast engine), and deleted
+on a clean stop. A job the runner finished drops out at the next beat: if its
 report was lost (a Redis restart between its XADD and the status consumer's read), the
 reconciler then sees a live runner that no longer holds it and starts a new attempt,
 instead of waiting for the generation's deadline.
@@ -58,15 +59,22 @@ async def beat(rt: Runtime, runner_id: str, in_hand: InHand, stop: asyncio.Event
     interval = rt.settings.worker_heartbeat_s
     ttl = max(1, int(interval * 3))
     stopping = asyncio.ensure_future(stop.wait())
+    published: set[str] = set()
+    regular = True  # the first beat, and each after a quiet interval: always written
     try:
         while not stop.is_set():
             in_hand.changed.clear()
-            with contextlib.suppress(Exception):  # Redis away: the next beat tries again
-                await rt.redis.set(key, in_hand.value(), ex=ttl)
+            # Woken by new jobs: written only if one of them is still in hand.
+            if regular or not in_hand.jobs <= published:
+                with contextlib.suppress(Exception):  # Redis away: the next beat tries again
+                    jobs = set(in_hand.jobs)
+                    await rt.redis.set(key, in_hand.value(), ex=ttl)
+                    published = jobs
             changed = asyncio.ensure_future(in_hand.changed.wait())
             await asyncio.wait({stopping, changed}, timeout=interval, return_when="FIRST_COMPLETED")
             changed.cancel()
-            if in_hand.changed.is_set():
+            regular = not in_hand.changed.is_set()
+            if not regular:
                 await asyncio.sleep(_EAGER_S)  # let the other jobs of this batch start too
     finally:
         stopping.cancel()

@@ -45,6 +45,33 @@ async def test_beat_names_the_jobs_in_hand_and_goes_on_stop(rt: Runtime) -> None
     assert await _value(rt, "w1") is None
 
 
+async def test_a_job_done_before_the_eager_write_costs_no_write(rt: Runtime) -> None:
+    """Jobs of a fast engine are finished before the write that would list them: no
+    write for them; a job still in hand is written as before, and the regular beat
+    keeps the key alive."""
+    in_hand = InHand()
+    stop = asyncio.Event()
+    task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))
+    key = rt.settings.keys.worker_heartbeat("w1")
+    await _until(lambda: _value(rt, "w1"))
+    first = await rt.redis.get(key)
+    for _ in range(5):
+        with in_hand.holding(uuid.uuid4(), 1):
+            pass  # done at once
+        await asyncio.sleep(0.1)  # past the eager delay: the beat looked and did not write
+    assert await rt.redis.get(key) == first
+    gid = uuid.uuid4()
+    with in_hand.holding(gid, 1):
+
+        async def listed() -> bool:
+            value = await _value(rt, "w1")
+            return value is not None and value["jobs"] == [f"{gid}:1"]
+
+        await _until(listed, limit_s=1.0)
+    stop.set()
+    await task
+
+
 def test_holds_reads_the_jobs_and_trusts_an_older_runner() -> None:
     gid = uuid.uuid4()
     value = json.dumps({"at": "2026-11-23T00:00:00+00:00", "jobs": [f"{gid}:1"]})
