@@ -188,7 +188,8 @@ def assert_one_image_each(procs: Procs, user_id: uuid.UUID, found: list[Any]) ->
     for row in found:
         images = originals(procs, user_id, row["id"])
         assert len(images) == 1, (row["id"], images)
-        assert row["image_key"].endswith(f"{row['attempt']}/{images[0].name}")
+        assert images[0].name.startswith(f"{row['attempt']}-")
+        assert row["image_key"].endswith(f"/{images[0].name}")
 
 
 def completed_once(evs: list[asyncpg.Record]) -> dict[uuid.UUID, asyncpg.Record]:
