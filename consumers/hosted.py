@@ -5,6 +5,8 @@ provider has its own stream and consumer, so a slow provider cannot take the slo
 another; ``provider_concurrency`` bounds calls in flight per provider per process and
 the shared token bucket (``provider_rate_limits``) bounds them across replicas. A job
 over the rate limit waits for its token (bounded by its deadline); none is dropped.
+Slots are refilled as calls end (``ConsumerConfig.continuous``): one slow call holds its
+own slot, not the ``provider_concurrency - 1`` others read with it.
 """
 
 from __future__ import annotations
