@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis import Redis as SyncRedis
 
 from tests.conftest import Servers
 
@@ -80,6 +81,20 @@ class Procs:
         self.files.clear()
         return codes
 
+    def drop_streams(self) -> None:
+        """The keys of this run's prefix, as the rt fixture drops those of in-process
+        tests: a shared Redis keeps nothing of a finished test."""
+        url = self.env.get("GENGUI_REDIS_URL")
+        if not url:
+            return
+        client = SyncRedis.from_url(url)
+        try:
+            leftovers = list(client.scan_iter(match=f"{self.env['GENGUI_STREAM_PREFIX']}:*"))
+            if leftovers:
+                client.delete(*leftovers)
+        finally:
+            client.close()
+
     def tail(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text()[-12000:]}" for p in sorted(self.logs.glob("*.log"))
@@ -95,6 +110,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.env["_PORT"] = str(port)
     yield p
     p.terminate_all(5)
+    p.drop_streams()
 
 
 async def wait_ready(base: str, timeout_s: float = 60) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from redis import Redis as SyncRedis
 
 from core.keys import Keys
 from core.streams import SharedRedis
@@ -58,14 +57,7 @@ def stack(tmp_path: Path, servers: Servers) -> Iterator[Procs]:
     )
     yield p
     p.terminate_all(5)
-    # The streams of this test's prefix, like the rt fixture does for in-process tests.
-    client = SyncRedis.from_url(servers.redis_url)
-    try:
-        leftovers = list(client.scan_iter(match=f"{p.env['GENGUI_STREAM_PREFIX']}:*"))
-        if leftovers:
-            client.delete(*leftovers)
-    finally:
-        client.close()
+    p.drop_streams()
 
 
 @pytest.fixture(autouse=True)
