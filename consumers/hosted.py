@@ -123,6 +123,7 @@ def hosted_loops(
             ),
             LocalJob,
             runner.handle,
+            publisher=rt.publisher,  # its acks go out together
         )
 
         async def beat(stop: asyncio.Event, runner: HostedRunner = runner) -> None:

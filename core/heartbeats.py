@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from uuid import UUID
@@ -60,21 +62,23 @@ async def beat(rt: Runtime, runner_id: str, in_hand: InHand, stop: asyncio.Event
     ttl = max(1, int(interval * 3))
     stopping = asyncio.ensure_future(stop.wait())
     published: set[str] = set()
-    regular = True  # the first beat, and each after a quiet interval: always written
+    tried_at = -math.inf  # the last write, whether it went through or not
     try:
         while not stop.is_set():
             in_hand.changed.clear()
-            # Woken by new jobs: written only if one of them is still in hand.
-            if regular or not in_hand.jobs <= published:
+            # Every interval, whatever happened (the TTL runs out otherwise, even while
+            # jobs come and go all the time); sooner only for a new job still in hand.
+            if time.monotonic() - tried_at >= interval or not in_hand.jobs <= published:
+                tried_at = time.monotonic()
                 with contextlib.suppress(Exception):  # Redis away: the next beat tries again
                     jobs = set(in_hand.jobs)
                     await rt.redis.set(key, in_hand.value(), ex=ttl)
                     published = jobs
+            wait_s = max(0.0, tried_at + interval - time.monotonic())
             changed = asyncio.ensure_future(in_hand.changed.wait())
-            await asyncio.wait({stopping, changed}, timeout=interval, return_when="FIRST_COMPLETED")
+            await asyncio.wait({stopping, changed}, timeout=wait_s, return_when="FIRST_COMPLETED")
             changed.cancel()
-            regular = not in_hand.changed.is_set()
-            if not regular:
+            if in_hand.changed.is_set():
                 await asyncio.sleep(_EAGER_S)  # let the other jobs of this batch start too
     finally:
         stopping.cancel()

@@ -237,23 +237,23 @@ class Outbox:
     def ack(self, stream: str, group: str, entry_ids: Sequence[bytes]) -> None:
         """XACK ``entry_ids`` in the same call, after everything added before: a consumer
         acks a batch with what handling it sent, one round trip for both, and a crash
-        can not fall between the two (``StreamConsumer``)."""
+        can not fall between the two (``StreamConsumer``). Required: a failed call
+        raises, so the caller knows its entries are still pending."""
         for start in range(0, len(entry_ids), _ACKS_PER_CALL):
             chunk = entry_ids[start : start + _ACKS_PER_CALL]
             self._fields += [b"a", stream.encode(), group.encode(), str(len(chunk)).encode()]
             self._fields += chunk
             self._acks += len(chunk)
+            self._required = True
 
-    async def flush(self) -> bool:
-        """Send it all; False if the call failed with nothing required in it (logged)."""
+    async def flush(self) -> None:
         if not self._fields:
-            return True
-        fields, required, notices, messages, acks = (
+            return
+        fields, required, notices, messages = (
             self._fields,
             self._required,
             self._notices,
             self._messages,
-            self._acks,
         )
         self._clear()
         try:
@@ -263,9 +263,7 @@ class Outbox:
                 log.warning("notify.failed", count=notices, error=repr(exc))
             if required:
                 raise
-            log.warning("outbox.send_failed", count=messages, acks=acks, error=repr(exc))
-            return False
-        return True
+            log.warning("outbox.send_failed", count=messages, error=repr(exc))
 
 
 async def _run_outbox(redis: SharedRedis, fields: list[bytes], *, maxlen: int) -> list[str]:

@@ -36,7 +36,7 @@ from core.logging import get_logger
 from core.metrics import StreamSeries
 
 if TYPE_CHECKING:
-    from core.notify import Outbox
+    from core.notify import Outbox, OutboxQueue
 
 log = get_logger(__name__)
 
@@ -153,9 +153,9 @@ class StreamConsumer(Generic[M]):
     script call: one round trip fewer per batch, and no crash can fall between what a
     batch sends and its ack (which would have the batch handled again).
 
-    With ``config.continuous``, messages are not batched at all: up to ``concurrency``
-    run at once, a read takes as many as there are free slots, and the acks of the
-    messages that finished meanwhile share one XACK.
+    With ``config.continuous`` (and a ``publisher``), messages are not batched at all:
+    up to ``concurrency`` run at once, a read takes as many as there are free slots, and
+    the acks of the messages that finish together share one call (``OutboxQueue``).
     """
 
     reader: DedicatedRedis
@@ -171,6 +171,8 @@ class StreamConsumer(Generic[M]):
 
     def __post_init__(self) -> None:
         self._series = StreamSeries.of(self.config.stream, self.config.group)
+        if self.config.continuous and self.publisher is None:
+            raise ValueError("a continuous consumer sends its acks through a publisher")
 
     async def ensure_group(self) -> None:
         # From "0", not "$": entries added while the group was missing (after a
@@ -189,7 +191,7 @@ class StreamConsumer(Generic[M]):
         stopping = asyncio.ensure_future(stop.wait())
         inflight: dict[asyncio.Task[None], set[Hashable]] = {}
         running: set[asyncio.Task[None]] = set()  # continuous: one task per message
-        acks = _AckQueue(self)
+        acks = self._ack_queue()
         stopped = False
         try:
             while not stop.is_set():
@@ -211,7 +213,7 @@ class StreamConsumer(Generic[M]):
                         for _, stream_entries in cast(list[Any], response)
                         for entry in stream_entries
                     ]
-                    if entries and cfg.continuous:
+                    if entries and acks is not None:
                         await self._start_each(entries, running, acks)
                     elif entries:
                         # A failed XACK here (Redis gone) leaves entries pending; they
@@ -243,7 +245,8 @@ class StreamConsumer(Generic[M]):
                     for task in tasks:
                         task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await acks.drain()
+            if acks is not None:
+                await acks.aclose()
             stopping.cancel()
             # The consumer owns its dedicated connection: nothing else may use it.
             await self.reader.aclose()
@@ -280,14 +283,33 @@ class StreamConsumer(Generic[M]):
             return 0
         return n - len(running)
 
+    def _ack_queue(self) -> OutboxQueue | None:
+        """Continuous: where the messages' acks go, those finishing together in one call."""
+        if not self.config.continuous or self.publisher is None:
+            return None
+        from core.notify import OutboxQueue  # core.notify imports this module
+
+        return OutboxQueue(self.publisher)
+
     async def _start_each(
-        self, entries: Sequence[Entry], running: set[asyncio.Task[None]], acks: _AckQueue
+        self, entries: Sequence[Entry], running: set[asyncio.Task[None]], acks: OutboxQueue
     ) -> None:
         """Continuous: a task per message, acked (with others) when it succeeded."""
+        cfg = self.config
+
+        def acked(sent: asyncio.Future[None]) -> None:
+            # A failed ack (Redis gone) leaves the entry pending: a reclaim hands it on.
+            if sent.cancelled():
+                return
+            if (exc := sent.exception()) is not None:
+                log.warning("consumer.ack_failed", stream=cfg.stream, error=repr(exc))
+            else:
+                self._series.acked.inc()
 
         async def one(entry_id: bytes, message: M) -> None:
             if await self._run_one(entry_id, message):
-                acks.add(entry_id)
+                ack = acks.add(lambda outbox: outbox.ack(cfg.stream, cfg.group, [entry_id]))
+                ack.add_done_callback(acked)
 
         for entry_id, message in await self._parse(entries):
             task = asyncio.create_task(one(entry_id, message))
@@ -397,12 +419,11 @@ class StreamConsumer(Generic[M]):
         again, which finds them applied (handlers are idempotent)."""
         outbox.ack(self.config.stream, self.config.group, handled)
         try:
-            sent = await outbox.flush()
+            await outbox.flush()
         except Exception as exc:
             log.warning("consumer.batch_unacked", stream=self.config.stream, error=repr(exc))
             return
-        if sent:
-            self._series.acked.inc(len(handled))
+        self._series.acked.inc(len(handled))
 
     async def _run_batch(
         self, handler: BatchHandler[M], messages: list[tuple[bytes, M]], outbox: Outbox | None
@@ -494,40 +515,6 @@ class StreamConsumer(Generic[M]):
             generation_id=_generation_id(raw),
             error=error[:200],
         )
-
-
-class _AckQueue:
-    """Acks of messages finished one by one, sent together: those that finish while an
-    XACK is in flight go with the next one. A failed XACK (Redis gone) leaves its
-    entries pending, handled again after a reclaim, which handlers allow."""
-
-    def __init__(self, consumer: StreamConsumer[Any]) -> None:
-        self._consumer = consumer
-        self._ids: list[bytes] = []
-        self._sender: asyncio.Task[None] | None = None
-
-    def add(self, entry_id: bytes) -> None:
-        self._ids.append(entry_id)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send())
-
-    async def _send(self) -> None:
-        while self._ids:
-            ids, self._ids = self._ids, []
-            try:
-                await self._consumer._ack(ids)
-            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
-                log.warning(
-                    "consumer.ack_failed",
-                    stream=self._consumer.config.stream,
-                    count=len(ids),
-                    error=repr(exc),
-                )
-
-    async def drain(self) -> None:
-        """Wait for the acks in flight (shutdown)."""
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
 
 
 def _generation_id(raw: bytes) -> str | None:

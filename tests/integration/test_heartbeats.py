@@ -7,6 +7,8 @@ import asyncio
 import json
 import uuid
 
+import pytest
+
 from core import heartbeats, lifecycle
 from core.heartbeats import InHand, covers, holds, jobs_held
 from core.lifecycle import Status
@@ -27,6 +29,16 @@ async def _until(predicate, limit_s: float = 3.0) -> None:  # type: ignore[no-un
             await asyncio.sleep(0.01)
 
 
+def _lists(rt: Runtime, runner: str, *refs: str):  # type: ignore[no-untyped-def]
+    """A predicate for ``_until``: the runner's key names exactly ``refs``."""
+
+    async def listed() -> bool:
+        value = await _value(rt, runner)
+        return value is not None and value["jobs"] == list(refs)
+
+    return listed
+
+
 async def test_beat_names_the_jobs_in_hand_and_goes_on_stop(rt: Runtime) -> None:
     in_hand = InHand()
     stop = asyncio.Event()
@@ -35,16 +47,13 @@ async def test_beat_names_the_jobs_in_hand_and_goes_on_stop(rt: Runtime) -> None
     await _until(lambda: _value(rt, "w1"))
     with in_hand.holding(gid, 2):
         # Published at once, not at the next regular beat (worker_heartbeat_s).
-        async def listed() -> bool:
-            value = await _value(rt, "w1")
-            return value is not None and value["jobs"] == [f"{gid}:2"]
-
-        await _until(listed, limit_s=1.0)
+        await _until(_lists(rt, "w1", f"{gid}:2"), limit_s=1.0)
     stop.set()
     await task
     assert await _value(rt, "w1") is None
 
 
+@pytest.mark.settings(worker_heartbeat_s=30)  # no regular beat in the window
 async def test_a_job_done_before_the_eager_write_costs_no_write(rt: Runtime) -> None:
     """Jobs of a fast engine are finished before the write that would list them: no
     write for them; a job still in hand is written as before, and the regular beat
@@ -62,14 +71,36 @@ async def test_a_job_done_before_the_eager_write_costs_no_write(rt: Runtime) -> 
     assert await rt.redis.get(key) == first
     gid = uuid.uuid4()
     with in_hand.holding(gid, 1):
-
-        async def listed() -> bool:
-            value = await _value(rt, "w1")
-            return value is not None and value["jobs"] == [f"{gid}:1"]
-
-        await _until(listed, limit_s=1.0)
+        await _until(_lists(rt, "w1", f"{gid}:1"), limit_s=1.0)
     stop.set()
     await task
+
+
+@pytest.mark.settings(worker_heartbeat_s=0.3)
+async def test_the_key_stays_alive_while_fast_jobs_come_and_go(rt: Runtime) -> None:
+    """Jobs that start and end all the time wake the beat over and over, each write
+    skipped: the regular beat must still come every interval, or the TTL (1 s here)
+    runs out and a live worker's long job looks abandoned."""
+    in_hand = InHand()
+    stop = asyncio.Event()
+    task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))
+    key = rt.settings.keys.worker_heartbeat("w1")
+    long_job = uuid.uuid4()
+    try:
+        with in_hand.holding(long_job, 1):
+            await _until(_lists(rt, "w1", f"{long_job}:1"), limit_s=1.0)
+            seen = set()
+            for _ in range(100):  # 2 s of churn, twice the TTL
+                with in_hand.holding(uuid.uuid4(), 1):
+                    pass
+                await asyncio.sleep(0.02)
+                value = await rt.redis.get(key)
+                assert value is not None, "the heartbeat key expired under churn"
+                seen.add(value)
+            assert len(seen) >= 3  # rewritten every 0.3 s, not only once
+    finally:
+        stop.set()
+        await task
 
 
 def test_holds_reads_the_jobs_and_trusts_an_older_runner() -> None:
@@ -102,12 +133,7 @@ async def test_a_live_runner_that_no_longer_holds_a_job_gets_it_retried(
     task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))
     try:
         with in_hand.holding(held, 1):
-
-            async def listed() -> bool:
-                value = await _value(rt, "w1")
-                return value is not None and value["jobs"] == [f"{held}:1"]
-
-            await _until(listed)
+            await _until(_lists(rt, "w1", f"{held}:1"))
             counts = await Reconciler(rt).tick()
     finally:
         stop.set()

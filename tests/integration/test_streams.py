@@ -38,11 +38,17 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def consuming(
-    rt: Runtime, handler, name: str = "c1", **kw: object
+    rt: Runtime, handler, name: str = "c1", batch_handler=None, **kw: object
 ) -> AsyncIterator[StreamConsumer]:  # type: ignore[no-untyped-def]
     reader = dedicated_client(rt.redis_url)
     consumer = StreamConsumer(
-        reader, rt.redis, _config(rt, name, **kw), GenerationRequested, handler
+        reader,
+        rt.redis,
+        _config(rt, name, **kw),
+        GenerationRequested,
+        handler,
+        batch_handler,
+        publisher=rt.publisher,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
@@ -362,26 +368,6 @@ class Forwarder:
         self.singles.append(msg)
 
 
-@contextlib.asynccontextmanager
-async def batch_consuming(rt: Runtime, fwd: Forwarder) -> AsyncIterator[StreamConsumer]:
-    consumer = StreamConsumer(
-        dedicated_client(rt.redis_url),
-        rt.redis,
-        _config(rt, "b1", batch=10),
-        GenerationRequested,
-        fwd.one,
-        fwd.batch,
-        publisher=rt.publisher,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-
-
 async def _forwarded(rt: Runtime, to: str) -> list[uuid.UUID]:
     entries = await rt.redis.xrange(to)
     return [
@@ -393,7 +379,7 @@ async def test_batch_outbox_goes_out_with_the_batch_ack(rt: Runtime) -> None:
     to = f"{rt.settings.keys.requested}:forwarded"
     fwd = Forwarder(to)
     msgs = [GenerationRequested(generation_id=uuid.uuid4(), attempt=1) for _ in range(5)]
-    async with batch_consuming(rt, fwd):
+    async with consuming(rt, fwd.one, "b1", fwd.batch, batch=10):
         for m in msgs:
             await rt.publisher.send(rt.settings.keys.requested, m)
         await _until(lambda: _forwarded_n(rt, to, 5))
@@ -408,7 +394,7 @@ async def test_a_failed_batch_tells_what_moved_and_is_not_acked_with_it(rt: Runt
     to = f"{rt.settings.keys.requested}:forwarded"
     fwd = Forwarder(to, fail=True)
     msg = GenerationRequested(generation_id=uuid.uuid4(), attempt=1)
-    async with batch_consuming(rt, fwd):
+    async with consuming(rt, fwd.one, "b1", fwd.batch, batch=10):
         await rt.publisher.send(rt.settings.keys.requested, msg)
         await _until(lambda: _forwarded_n(rt, to, 1))
         await _until(lambda: _pending_is(rt, 0))
@@ -432,7 +418,7 @@ async def test_outbox_ack_is_not_applied_when_a_message_before_it_fails(rt: Runt
         await outbox.flush()
     assert await _pending(rt) == 1
     outbox.ack(stream, "g", [entry_id])
-    assert await outbox.flush() is True
+    await outbox.flush()
     assert await _pending(rt) == 0
 
 
