@@ -3,7 +3,9 @@
 Starts ``gengui api``, ``gengui consumers`` and ``gengui worker`` (placeholder engine) as
 subprocesses against a fresh database and a fresh stream prefix, submits generations
 with ``POST /api/v1/generations`` and times each one from the moment its request was
-sent to the moment its ``generation.completed`` notice arrives on Redis pub/sub.
+sent to the moment its ``generation.completed`` notice arrives on Redis pub/sub. The
+database starts with ``--seed-rows`` finished generations, analysed, as a deployment's
+has (``bench/seed.py``: from an empty table the hot paths' lookups scan it whole).
 
     .venv/bin/python bench/e2e.py --n 2000 --concurrency 64          # closed loop
     .venv/bin/python bench/e2e.py --n 2000 --concurrency 64 --no-thumbnails
@@ -189,8 +191,14 @@ def process_env(
     database_url: str, redis_url: str, prefix: str, data_dir: Path, port: int, **extra: str
 ) -> dict[str, str]:
     """The environment of every gengui process a benchmark starts: this machine's,
-    less any GENGUI_* of the caller's shell, plus the run's own servers and names."""
+    less any GENGUI_* of the caller's shell, plus the run's own servers and names.
+
+    ``PYTHONPATH`` puts this script's tree first: the venv's editable install points
+    at the checkout it was made from, so without it a benchmark run from another
+    worktree (an older commit, for a side-by-side run) would start the processes of
+    the venv's checkout and compare that code with itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENGUI_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(
         GENGUI_DATABASE_URL=database_url,
         GENGUI_REDIS_URL=redis_url,
@@ -382,9 +390,10 @@ class CpuMeter:
     the machine, so a phase can say where its CPU went and whether it had the box alone.
     """
 
-    def __init__(self, procs: Procs, db_name: str) -> None:
+    def __init__(self, procs: Procs, db_name: str, calls: ServerCalls | None = None) -> None:
         self.procs = procs
         self.db_name = db_name
+        self.calls = calls
 
     def snapshot(self) -> dict[str, float]:
         snap: dict[str, float] = {}
@@ -420,6 +429,67 @@ class CpuMeter:
         busy, steal, total = _machine_cpu_s()
         snap["machine_busy"], snap["machine_steal"], snap["machine_total"] = busy, steal, total
         return snap
+
+
+class ServerCalls:
+    """What the servers were asked, counted by the servers: Postgres transactions of our
+    database (``pg_stat_database``; one per statement outside a transaction block) and
+    Redis commands by name (``INFO commandstats``; all of Redis's, like its CPU). Per
+    generation these do not drift with the VM's speed as times do, and each is a round
+    trip someone waited on and a wake-up of a server process: on this machine the cost
+    of a request is more in the wake-ups than in the work."""
+
+    # Postgres reports a backend's counts when it goes idle, at most once a second, and
+    # what is left over 10 s later: a phase is counted between two quiet 11 s.
+    PG_FLUSH_S = 11.0
+
+    def __init__(self, admin_dsn: str, db_name: str, redis_url: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.db_name = db_name
+        self.redis_url = redis_url
+
+    async def snapshot(self) -> dict[str, int]:
+        from core.db import asyncpg_dsn
+
+        conn = await asyncpg.connect(asyncpg_dsn(self.admin_dsn), timeout=10)
+        try:
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            xacts = await conn.fetchval(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+                self.db_name,
+            )
+        finally:
+            await conn.close(timeout=10)
+        client = aioredis.from_url(self.redis_url)
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        calls = {
+            name.removeprefix("cmdstat_"): int(v["calls"])
+            for name, v in stats.items()
+            if isinstance(v, dict)
+        }
+        return {"postgres xacts": int(xacts or 0), **{f"redis {k}": n for k, n in calls.items()}}
+
+    @staticmethod
+    def per_generation(
+        before: dict[str, int], after: dict[str, int], generations: int
+    ) -> dict[str, float]:
+        """Calls per generation: Postgres, Redis in all, then Redis's busiest commands
+        (this module's own snapshots, INFO and the admin queries, left out)."""
+        if generations <= 0:
+            return {}
+        delta = {k: after[k] - before.get(k, 0) for k in after}
+        delta = {k: v for k, v in delta.items() if v > 0 and k not in ("redis info",)}
+        redis = {k: v for k, v in delta.items() if k.startswith("redis ")}
+        out = {
+            "postgres xacts": round(delta.get("postgres xacts", 0) / generations, 2),
+            "redis calls": round(sum(redis.values()) / generations, 2),
+        }
+        for k, v in sorted(redis.items(), key=lambda kv: -kv[1])[:6]:
+            out[k] = round(v / generations, 2)
+        return out
 
 
 def cpu_percent(
@@ -949,6 +1019,7 @@ class PhaseResult:
     thumbnail_latency_ms: dict[str, float | None] = field(default_factory=dict)
     send_lag_ms_max: float | None = None
     cpu_percent: dict[str, float] = field(default_factory=dict)
+    calls_per_generation: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -981,6 +1052,10 @@ async def run_phase(
             else f"{n} generations, concurrency {concurrency}"
         )
     )
+    calls_before: dict[str, int] = {}
+    if meter.calls:
+        await asyncio.sleep(meter.calls.PG_FLUSH_S)
+        calls_before = await meter.calls.snapshot()
     cpu_before = meter.snapshot()
     t0 = time.perf_counter()  # the first POST goes now: every interval starts here
     if rate is not None:
@@ -993,6 +1068,10 @@ async def run_phase(
     polled = await load.wait_done(ids, procs, args.timeout, need_thumbnails=not args.no_thumbnails)
     t_end = time.perf_counter()
     cpu_after = meter.snapshot()
+    calls_after: dict[str, int] = {}
+    if meter.calls:
+        await asyncio.sleep(meter.calls.PG_FLUSH_S)
+        calls_after = await meter.calls.snapshot()
     seen = load.listener.seen
     completed_at = seen["generation.completed"]
     # Convert pub/sub receive times and server timestamps (polled) to seconds since sent.
@@ -1073,6 +1152,7 @@ async def run_phase(
         ),
         # Over the whole phase, thumbnail drain included.
         cpu_percent=cpu_percent(cpu_before, cpu_after, t_end - t0),
+        calls_per_generation=ServerCalls.per_generation(calls_before, calls_after, len(ids)),
         errors=sorted({s.error for s in subs if s.error})[:5],
     )
     log(
@@ -1143,6 +1223,11 @@ def print_table(results: Sequence[PhaseResult], meta: dict[str, Any]) -> None:
             + f"; machine busy {cpu['machine']:.0f}% of all cores"
             + f" (steal {cpu['machine_steal']:.0f}%)"
         )
+        if r.calls_per_generation:
+            print(
+                "  server calls per generation: "
+                + ", ".join(f"{k} {v:g}" for k, v in r.calls_per_generation.items())
+            )
         if cpu["other"] > 25:
             print(
                 f"  warning: {cpu['other']:.0f}% of a core went to other work on this machine"
@@ -1267,6 +1352,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="width = height of each image")
     p.add_argument("--warmup", type=int, default=20, help="generations before measuring")
     p.add_argument(
+        "--calls",
+        action="store_true",
+        help="count the servers' calls per generation (Postgres transactions, Redis commands);"
+        " adds 22 s of quiet around each phase",
+    )
+    p.add_argument(
+        "--seed-rows",
+        type=int,
+        default=100_000,
+        help="finished rows loaded (and analysed) before the run, as in a table that has "
+        "run for a while; 0 starts from an empty, never-analysed table",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=300.0,
@@ -1382,6 +1480,11 @@ async def run(args: argparse.Namespace) -> int:
         }
         database_url = await fresh_database(stack, servers, db_name)
         log(f"database {db_name}, stream prefix {prefix}")
+        if args.seed_rows:
+            from seed import bulk_load
+
+            meta["seed"] = await bulk_load(database_url, None, args.seed_rows, users=100)
+            log(f"seeded {args.seed_rows} finished rows: {meta['seed']}")
 
         stack.push_async_callback(drop_prefix, servers.redis_url, prefix)
 
@@ -1395,7 +1498,7 @@ async def run(args: argparse.Namespace) -> int:
         logs = tmp / "logs"
         logs.mkdir()
         procs = Procs(env, logs)
-        meter = CpuMeter(procs, db_name)
+        meter = CpuMeter(procs, db_name, ServerCalls(servers.admin_dsn, db_name, servers.redis_url))
 
         async def inspect_final() -> None:
             # After the processes stopped, before cleanup: what the run left behind.

@@ -13,8 +13,9 @@ publishes it again then. Nothing is dropped.
 
 Requests for queue providers (local workers, hosted runners) are dispatched a batch at
 a time: one statement claims them all, and their jobs and ``generation.submitted``
-notices go out with one script call. Requests for remote providers take the
-one-at-a-time path: each is an HTTP call under its rate limit.
+notices go out with one script call. A request names its provider, so the batch is
+sorted without reading its rows: the claim is the batch's only statement. Requests for
+remote providers take the one-at-a-time path: each is an HTTP call under its rate limit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
+from uuid import UUID
 
 import structlog
 
@@ -76,25 +78,19 @@ class Dispatcher:
         notices go into ``outbox`` when given (the consumer sends them with the batch's
         ack), else they are sent here."""
         rt = self.rt
-        queued = await rt.pool.fetch(
-            "SELECT id, attempt, provider FROM generations"
-            " WHERE id = ANY($1::uuid[]) AND status = 'queued'",
-            list({r.generation_id for r in requests}),
-        )
-        asked = {(r.generation_id, r.attempt) for r in requests}
-        # Not queued under the asked attempt: dispatched already, superseded or cancelled.
-        waiting = {
-            pair: row["provider"]
-            for row in queued
-            if (pair := (row["id"], row["attempt"])) in asked
-        }
+        # Each generation's newest attempt asked for, with its provider: older attempts
+        # and duplicates would fail the claim's CAS anyway.
+        asked: dict[UUID, tuple[int, str]] = {}
+        for r in await self._with_providers(requests):
+            if r.generation_id not in asked or asked[r.generation_id][0] < r.attempt:
+                asked[r.generation_id] = (r.attempt, r.provider or "")
         queues = {
-            pair: p
-            for pair, p in waiting.items()
+            (gid, attempt): p
+            for gid, (attempt, p) in asked.items()
             if isinstance(self.providers.dispatch.get(p), QueueProvider)
         }
-        # A remote or unknown provider takes the careful path.
-        slow = waiting.keys() - queues.keys()
+        # A remote or unknown provider takes the careful path, which reads its row.
+        slow = {(gid, attempt) for gid, (attempt, _) in asked.items()} - queues.keys()
         changes = [
             Change(gid, attempt, {"next_check_at": lifecycle.due_in(check_after(rt.settings, p))})
             for (gid, attempt), p in queues.items()
@@ -103,16 +99,23 @@ class Dispatcher:
         own = outbox is None
         if outbox is None:
             outbox = Outbox(rt.publisher)
+        dispatched = []
         for row in claimed:
-            provider = self.providers.dispatch[row["provider"]]
-            assert isinstance(provider, QueueProvider)
+            provider = self.providers.dispatch.get(row["provider"])
+            if not isinstance(provider, QueueProvider):
+                # The request named another provider than its row's (never published
+                # so): the row is left submitted without a job, which the reconciler
+                # retries as after a crash.
+                log.error("dispatch.provider_mismatch", generation_id=str(row["id"]))
+                continue
             outbox.send(provider.stream, provider.message(Job.from_row(row)))
             outbox.notify(row, "generation.submitted")
+            dispatched.append(row)
         # A failure here leaves claimed rows without a job: the reconciler finds their
         # queue empty after check_after and retries them, as after a crash.
         if own:
             await outbox.flush()
-        for row in claimed:
+        for row in dispatched:
             log.info(
                 "generation.dispatched",
                 generation_id=str(row["id"]),
@@ -120,6 +123,27 @@ class Dispatcher:
                 provider=row["provider"],
             )
         return [r for r in requests if (r.generation_id, r.attempt) in slow]
+
+    async def _with_providers(
+        self, requests: Sequence[GenerationRequested]
+    ) -> list[GenerationRequested]:
+        """The requests, each naming its provider: those that do not (published by an
+        older version) are looked up, and dropped unless still queued under their
+        attempt (dispatched already, superseded or cancelled)."""
+        bare = {(r.generation_id, r.attempt) for r in requests if r.provider is None}
+        if not bare:
+            return list(requests)
+        rows = await self.rt.pool.fetch(
+            "SELECT id, attempt, provider FROM generations"
+            " WHERE id = ANY($1::uuid[]) AND status = 'queued'",
+            list({gid for gid, _ in bare}),
+        )
+        found = [
+            GenerationRequested(generation_id=row["id"], attempt=row["attempt"], provider=p)
+            for row in rows
+            if (row["id"], row["attempt"]) in bare and (p := row["provider"])
+        ]
+        return [r for r in requests if r.provider is not None] + found
 
     async def handle(self, msg: GenerationRequested) -> None:
         structlog.contextvars.bind_contextvars(

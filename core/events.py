@@ -24,10 +24,15 @@ class Message(BaseModel):
 
 
 class GenerationRequested(Message):
-    """API or reconciler -> dispatchers: dispatch this attempt to its provider."""
+    """API or reconciler -> dispatchers: dispatch this attempt to its provider.
+
+    ``provider`` is the row's (it never changes), so a dispatcher can claim a batch of
+    queue jobs without reading their rows first; a request without it (published by an
+    older version) is looked up."""
 
     generation_id: UUID
     attempt: int = Field(ge=1)
+    provider: str | None = None
 
 
 class LocalJob(Message):

@@ -192,7 +192,10 @@ class Reconciler:
 
     async def _requeue(self, rows: Sequence[asyncpg.Record]) -> int:
         """Queued rows (the common case after Redis lost its streams): one pipeline."""
-        requeue = [GenerationRequested(generation_id=r["id"], attempt=r["attempt"]) for r in rows]
+        requeue = [
+            GenerationRequested(generation_id=r["id"], attempt=r["attempt"], provider=r["provider"])
+            for r in rows
+        ]
         await self.rt.publisher.send_many(self.rt.settings.keys.requested, requeue)
         return len(requeue)
 

@@ -107,7 +107,9 @@ class QueuedAnnouncer:
         self._queue = OutboxQueue(publisher, observe=API_PUBLISH_BATCH.observe)
 
     async def announce(self, row: asyncpg.Record) -> None:
-        request = GenerationRequested(generation_id=row["id"], attempt=row["attempt"])
+        request = GenerationRequested(
+            generation_id=row["id"], attempt=row["attempt"], provider=row["provider"]
+        )
 
         def fill(outbox: Outbox) -> None:
             outbox.notify(row, "generation.queued")

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from core.api.app import create_app
 from core.api.generations import announcer_key
+from core.events import GenerationRequested
 from core.metrics import REGISTRY
 from core.runtime import Runtime
 from core.streams import Publisher, SharedRedis
@@ -57,7 +58,11 @@ async def test_create_returns_202_with_the_resource_and_publishes(
     assert 0 <= body["seed"] <= 2**32 - 1
     assert body["image_url"] is None and body["thumbnail_url"] is None
     entries = await rt.redis.xrange(rt.settings.keys.requested)
-    assert len(entries) == 1 and body["id"].encode() in entries[0][1][b"__data__"]
+    assert [GenerationRequested.model_validate_json(f[b"__data__"]) for _, f in entries] == [
+        GenerationRequested(
+            generation_id=uuid.UUID(body["id"]), attempt=1, provider=body["provider"]
+        )
+    ]
 
 
 @pytest.mark.parametrize(

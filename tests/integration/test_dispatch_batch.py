@@ -110,3 +110,42 @@ async def test_the_dispatch_consumer_runs_a_batch_and_its_leftovers(
     assert len(await _jobs(rt)) == 5
     groups = await rt.redis.xinfo_groups(rt.settings.keys.requested)
     assert [g["pending"] for g in groups] == [0]
+
+
+async def test_requests_naming_their_provider_are_claimed_by_the_one_statement(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """What the API and the reconciler publish: the provider rides along, so the batch
+    is sorted without its rows; the claim's CAS still fences every other case."""
+    local = await _queued(rt, alice, 2)
+    [remote] = await _queued(rt, alice, 1, provider="elsewhere")
+    [retried] = await _queued(rt, alice, 1)
+    await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", retried)
+    [cancelled] = await _queued(rt, alice, 1)
+    await rt.pool.execute("UPDATE generations SET status = 'cancelled' WHERE id = $1", cancelled)
+
+    def ask(gid: uuid.UUID, attempt: int = 1, provider: str = "local") -> GenerationRequested:
+        return GenerationRequested(generation_id=gid, attempt=attempt, provider=provider)
+
+    requests = [ask(g) for g in local] + [
+        ask(local[0]),  # a duplicate
+        ask(remote, provider="elsewhere"),
+        ask(retried, attempt=1),  # superseded: attempt 2 is queued
+        ask(retried, attempt=2),
+        ask(cancelled),
+    ]
+
+    left = await _dispatcher(rt).handle_batch(requests)
+
+    assert [(r.generation_id, r.attempt) for r in left] == [(remote, 1)]
+    assert sorted(await _jobs(rt)) == sorted([(str(g), 1) for g in local] + [(str(retried), 2)])
+    statuses = {
+        r["id"]: (r["status"], r["attempt"])
+        for r in await rt.pool.fetch("SELECT id, status, attempt FROM generations")
+    }
+    assert statuses == {
+        **{g: ("submitted", 1) for g in local},
+        remote: ("queued", 1),
+        retried: ("submitted", 2),
+        cancelled: ("cancelled", 1),
+    }

@@ -48,7 +48,10 @@ async def test_queued_past_grace_is_published_again_once_per_grace(
     rec = Reconciler(rt)
     assert (await rec.tick())["requeue"] == 1
     assert (await rec.tick())["requeue"] == 0  # leased: next check pushed out by the grace period
-    assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=1)]
+    # It names its provider, as the API's does: the dispatcher need not read the row.
+    assert await _requested(rt) == [
+        GenerationRequested(generation_id=gid, attempt=1, provider="local")
+    ]
 
 
 async def test_silent_submitted_job_gets_a_new_attempt_after_a_backoff(
@@ -66,7 +69,9 @@ async def test_silent_submitted_job_gets_a_new_attempt_after_a_backoff(
     assert await _requested(rt) == []
     await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
     assert (await rec.tick())["requeue"] == 1
-    assert await _requested(rt) == [GenerationRequested(generation_id=gid, attempt=2)]
+    assert await _requested(rt) == [
+        GenerationRequested(generation_id=gid, attempt=2, provider="local")
+    ]
 
 
 async def test_last_attempt_without_result_fails(rt: Runtime, alice: UserAuth) -> None:
