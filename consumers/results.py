@@ -17,7 +17,6 @@ from uuid import UUID
 import aiohttp
 import structlog
 
-# TEMP: lazy until providers.download lands
 from core import metrics
 from core.events import JobStatus, ProviderResult
 from core.imaging import ImageRejected, sniff_image
