@@ -83,7 +83,7 @@ class Dispatcher:
         asked: dict[UUID, tuple[int, str]] = {}
         for r in await self._with_providers(requests):
             if r.generation_id not in asked or asked[r.generation_id][0] < r.attempt:
-                asked[r.generation_id] = (r.attempt, r.provider or "")
+                asked[r.generation_id] = (r.attempt, r.provider or "")  # "": unknown
         queues = {
             (gid, attempt): p
             for gid, (attempt, p) in asked.items()
@@ -139,9 +139,11 @@ class Dispatcher:
             list({gid for gid, _ in bare}),
         )
         found = [
-            GenerationRequested(generation_id=row["id"], attempt=row["attempt"], provider=p)
+            GenerationRequested(
+                generation_id=row["id"], attempt=row["attempt"], provider=row["provider"]
+            )
             for row in rows
-            if (row["id"], row["attempt"]) in bare and (p := row["provider"])
+            if (row["id"], row["attempt"]) in bare
         ]
         return [r for r in requests if r.provider is not None] + found
 
