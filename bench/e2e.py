@@ -477,11 +477,11 @@ class ServerCalls:
         before: dict[str, int], after: dict[str, int], generations: int
     ) -> dict[str, float]:
         """Calls per generation: Postgres, Redis in all, then Redis's busiest commands
-        (this module's own snapshots, INFO and the admin queries, left out)."""
+        (INFO, which the snapshots themselves send, left out)."""
         if generations <= 0:
             return {}
         delta = {k: after[k] - before.get(k, 0) for k in after}
-        delta = {k: v for k, v in delta.items() if v > 0 and k not in ("redis info",)}
+        delta = {k: v for k, v in delta.items() if v > 0 and k != "redis info"}
         redis = {k: v for k, v in delta.items() if k.startswith("redis ")}
         out = {
             "postgres xacts": round(delta.get("postgres xacts", 0) / generations, 2),

@@ -81,9 +81,9 @@ class Dispatcher:
         # Each generation's newest attempt asked for, with its provider: older attempts
         # and duplicates would fail the claim's CAS anyway.
         asked: dict[UUID, tuple[int, str]] = {}
-        for r in await self._with_providers(requests):
-            if r.generation_id not in asked or asked[r.generation_id][0] < r.attempt:
-                asked[r.generation_id] = (r.attempt, r.provider or "")  # "": unknown
+        for gid, attempt, provider_name in await self._with_providers(requests):
+            if gid not in asked or asked[gid][0] < attempt:
+                asked[gid] = (attempt, provider_name)
         queues = {
             (gid, attempt): p
             for gid, (attempt, p) in asked.items()
@@ -126,26 +126,24 @@ class Dispatcher:
 
     async def _with_providers(
         self, requests: Sequence[GenerationRequested]
-    ) -> list[GenerationRequested]:
-        """The requests, each naming its provider: those that do not (published by an
-        older version) are looked up, and dropped unless still queued under their
-        attempt (dispatched already, superseded or cancelled)."""
-        bare = {(r.generation_id, r.attempt) for r in requests if r.provider is None}
+    ) -> list[tuple[UUID, int, str]]:
+        """(generation, attempt, provider) of each request: those that do not name their
+        provider (published by an older version) are looked up, and dropped unless still
+        queued under their attempt (dispatched already, superseded or cancelled)."""
+        named = [(r.generation_id, r.attempt, r.provider) for r in requests if r.provider]
+        bare = {(r.generation_id, r.attempt) for r in requests if not r.provider}
         if not bare:
-            return list(requests)
+            return named
         rows = await self.rt.pool.fetch(
             "SELECT id, attempt, provider FROM generations"
             " WHERE id = ANY($1::uuid[]) AND status = 'queued'",
             list({gid for gid, _ in bare}),
         )
-        found = [
-            GenerationRequested(
-                generation_id=row["id"], attempt=row["attempt"], provider=row["provider"]
-            )
+        return named + [
+            (row["id"], row["attempt"], row["provider"])
             for row in rows
             if (row["id"], row["attempt"]) in bare
         ]
-        return [r for r in requests if r.provider is not None] + found
 
     async def handle(self, msg: GenerationRequested) -> None:
         structlog.contextvars.bind_contextvars(

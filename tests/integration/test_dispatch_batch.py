@@ -6,6 +6,8 @@ import asyncio
 import json
 import uuid
 
+import pytest
+
 from consumers.dispatch import Dispatcher
 from consumers.runner import consumer_loops
 from core.events import DATA_FIELD, GenerationRequested, UserEvent
@@ -41,21 +43,33 @@ async def _jobs(rt: Runtime) -> list[tuple[str, int]]:
     ]
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["provider named", "looked up"])
 async def test_a_batch_claims_queue_jobs_once_and_leaves_other_providers_to_handle(
-    rt: Runtime, alice: UserAuth
+    rt: Runtime, alice: UserAuth, named: bool
 ) -> None:
+    """Requests name their provider (the API's, the reconciler's) or, published by an
+    older version, do not and are looked up: either way the claim's CAS fences
+    duplicates, superseded attempts and rows that moved on."""
     local = await _queued(rt, alice, 3)
     [remote] = await _queued(rt, alice, 1, provider="elsewhere")
     [done] = await _queued(rt, alice, 1)
     await rt.pool.execute("UPDATE generations SET status = 'submitted' WHERE id = $1", done)
     [retried] = await _queued(rt, alice, 1)
     await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", retried)
-    requests = [GenerationRequested(generation_id=g, attempt=1) for g in local]
-    requests += [
-        GenerationRequested(generation_id=local[0], attempt=1),  # a duplicate
-        GenerationRequested(generation_id=remote, attempt=1),
-        GenerationRequested(generation_id=done, attempt=1),
-        GenerationRequested(generation_id=retried, attempt=1),  # an older attempt
+    [cancelled] = await _queued(rt, alice, 1)
+    await rt.pool.execute("UPDATE generations SET status = 'cancelled' WHERE id = $1", cancelled)
+
+    def ask(gid: uuid.UUID, attempt: int = 1, provider: str = "local") -> GenerationRequested:
+        return GenerationRequested(
+            generation_id=gid, attempt=attempt, provider=provider if named else None
+        )
+
+    requests = [ask(g) for g in local] + [
+        ask(local[0]),  # a duplicate
+        ask(remote, provider="elsewhere"),
+        ask(done),
+        ask(retried, attempt=1),  # an older attempt: attempt 2 is queued
+        ask(cancelled),
     ]
 
     left = await _dispatcher(rt).handle_batch(requests)
@@ -70,6 +84,7 @@ async def test_a_batch_claims_queue_jobs_once_and_leaves_other_providers_to_hand
         remote: "queued",
         done: "submitted",
         retried: "queued",
+        cancelled: "cancelled",
     }
     history = await rt.pool.fetch("SELECT generation_id, status FROM generation_events")
     assert sorted((h["generation_id"], h["status"]) for h in history) == sorted(
@@ -83,6 +98,25 @@ async def test_a_batch_claims_queue_jobs_once_and_leaves_other_providers_to_hand
     # Again: nothing is queued any more, so nothing moves and nothing is published.
     assert await _dispatcher(rt).handle_batch(requests[:3]) == []
     assert len(await _jobs(rt)) == 3
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["provider named", "looked up"])
+async def test_a_batch_asking_for_two_attempts_claims_the_queued_one(
+    rt: Runtime, alice: UserAuth, named: bool
+) -> None:
+    """A stale request and the retry's, read together: one claim, for attempt 2."""
+    [gid] = await _queued(rt, alice, 1)
+    await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", gid)
+    provider = "local" if named else None
+    requests = [
+        GenerationRequested(generation_id=gid, attempt=a, provider=provider) for a in (2, 1)
+    ]
+
+    assert await _dispatcher(rt).handle_batch(requests) == []
+
+    assert await _jobs(rt) == [(str(gid), 2)]
+    row = await rt.pool.fetchrow("SELECT status, attempt FROM generations WHERE id = $1", gid)
+    assert (row["status"], row["attempt"]) == ("submitted", 2)
 
 
 async def test_the_dispatch_consumer_runs_a_batch_and_its_leftovers(
@@ -110,42 +144,3 @@ async def test_the_dispatch_consumer_runs_a_batch_and_its_leftovers(
     assert len(await _jobs(rt)) == 5
     groups = await rt.redis.xinfo_groups(rt.settings.keys.requested)
     assert [g["pending"] for g in groups] == [0]
-
-
-async def test_requests_naming_their_provider_are_claimed_by_the_one_statement(
-    rt: Runtime, alice: UserAuth
-) -> None:
-    """What the API and the reconciler publish: the provider rides along, so the batch
-    is sorted without its rows; the claim's CAS still fences every other case."""
-    local = await _queued(rt, alice, 2)
-    [remote] = await _queued(rt, alice, 1, provider="elsewhere")
-    [retried] = await _queued(rt, alice, 1)
-    await rt.pool.execute("UPDATE generations SET attempt = 2 WHERE id = $1", retried)
-    [cancelled] = await _queued(rt, alice, 1)
-    await rt.pool.execute("UPDATE generations SET status = 'cancelled' WHERE id = $1", cancelled)
-
-    def ask(gid: uuid.UUID, attempt: int = 1, provider: str = "local") -> GenerationRequested:
-        return GenerationRequested(generation_id=gid, attempt=attempt, provider=provider)
-
-    requests = [ask(g) for g in local] + [
-        ask(local[0]),  # a duplicate
-        ask(remote, provider="elsewhere"),
-        ask(retried, attempt=1),  # superseded: attempt 2 is queued
-        ask(retried, attempt=2),
-        ask(cancelled),
-    ]
-
-    left = await _dispatcher(rt).handle_batch(requests)
-
-    assert [(r.generation_id, r.attempt) for r in left] == [(remote, 1)]
-    assert sorted(await _jobs(rt)) == sorted([(str(g), 1) for g in local] + [(str(retried), 2)])
-    statuses = {
-        r["id"]: (r["status"], r["attempt"])
-        for r in await rt.pool.fetch("SELECT id, status, attempt FROM generations")
-    }
-    assert statuses == {
-        **{g: ("submitted", 1) for g in local},
-        remote: ("queued", 1),
-        retried: ("submitted", 2),
-        cancelled: ("cancelled", 1),
-    }
