@@ -11,8 +11,10 @@ round; it prints the p50 and min per layout and the WAL the lease wrote per row
 (``pg_current_wal_lsn`` before and after: the server's, so run it on a quiet one).
 
 Layouts:
-- ``today``: ``generations`` as migrated, the lease as ``reconciler.loop._LEASE_DUE``
-  writes it (an ``UPDATE`` of the wide rows, each in five indexes);
+- ``today``: ``generations`` as migrated, a lease of the shape of
+  ``reconciler.loop._LEASE_DUE`` (an ``UPDATE`` of the wide rows, each in five indexes);
+  every layout's lease sets one constant interval, where gengui's picks one per
+  provider with a ``CASE`` (the same for all layouts, so left out of all);
 - ``narrow``: a schedule table (``generation_id`` primary key, ``due_at`` indexed) that
   the lease updates, joining ``generations`` for the columns the reconciler reads;
 - ``fillfactor80``: a copy of ``generations`` with fillfactor 80 and the same indexes,
@@ -42,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import (
+    BenchError,
     calibrate,
+    drop_prefix,
     fresh_database,
     git_info,
     log,
@@ -125,6 +129,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="leases per layout")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
     args = p.parse_args(argv)
+    if args.stuck < 1 or args.rounds < 1:
+        p.error("--stuck and --rounds must be at least 1")
     args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     for name in args.layouts:
         if name not in LAYOUTS:
@@ -151,8 +157,14 @@ async def run(args: argparse.Namespace) -> int:
         servers = await asyncio.to_thread(start_servers, tmp)
         meta["servers"] = await server_versions(servers)
         url = await fresh_database(stack, servers, f"gengui_bench_{token}")
-        settings = Settings(database_url=url, redis_url=servers.redis_url, data_dir=tmp / "d")
+        settings = Settings(
+            database_url=url,
+            redis_url=servers.redis_url,
+            stream_prefix=f"bench{token}",
+            data_dir=tmp / "d",
+        )
         rt = await stack.enter_async_context(open_runtime(settings))
+        stack.push_async_callback(drop_prefix, rt.redis_url, settings.stream_prefix)
         from core.auth import create_user
 
         user_id = await create_user(rt.pool, f"lease-{token}@example.com")
@@ -179,7 +191,9 @@ async def run(args: argparse.Namespace) -> int:
                         await conn.fetchval("SELECT pg_wal_lsn_diff($1, $2)::bigint", lsn1, lsn0)
                     )
                     if len(rows) != min(BATCH, args.stuck):
-                        raise SystemExit(f"{name}: leased {len(rows)} rows, not {args.stuck}")
+                        raise BenchError(
+                            f"{name}: leased {len(rows)} rows, not {min(BATCH, args.stuck)}"
+                        )
     meta["calibration_end"] = calibrate()
     results = {
         name: {
