@@ -11,16 +11,19 @@ round; it prints the p50 and min per layout and the WAL the lease wrote per row
 (``pg_current_wal_lsn`` before and after: the server's, so run it on a quiet one).
 
 Layouts:
-- ``today``: ``generations`` as migrated, a lease of the shape of
-  ``reconciler.loop._LEASE_DUE`` (an ``UPDATE`` of the wide rows, each in five indexes);
-  every layout's lease sets one constant interval, where gengui's picks one per
-  provider with a ``CASE`` (the same for all layouts, so left out of all);
-- ``narrow``: a schedule table (``generation_id`` primary key, ``due_at`` indexed) that
-  the lease updates, joining ``generations`` for the columns the reconciler reads;
-- ``fillfactor80``: a copy of ``generations`` with fillfactor 80 and the same indexes,
-  so a row's new version can stay on its page.
+- ``checks``: gengui's, since migration 0006: the schedule in ``generation_checks``
+  (``generation_id`` primary key, ``due_at`` indexed); a lease of the shape of
+  ``reconciler.loop._LEASE_DUE`` updates it, joining ``generations`` for the columns
+  the reconciler reads. Every layout's lease sets one constant interval, where
+  gengui's picks one per status and provider with a ``CASE`` (the same for all
+  layouts, so left out of all);
+- ``wide``: the layout before 0006, rebuilt as a copy of ``generations`` with
+  ``next_check_at`` on the row and its indexes (the lease an ``UPDATE`` of the wide
+  rows, each live one in five indexes);
+- ``fillfactor80``: ``wide`` with fillfactor 80, so a row's new version can stay on its
+  page.
 
-Nothing here is gengui's code path: it measures a design before it is built.
+Only ``checks`` is gengui's code path; the others measure the designs it was chosen over.
 """
 
 from __future__ import annotations
@@ -78,47 +81,44 @@ def _wide_lease(table: str) -> str:
         RETURNING {_RETURNING}, g.updated_at"""
 
 
-# (setup statements, arm, lease) per layout; ``today`` needs no setup.
-LAYOUTS: dict[str, tuple[Sequence[str], str, str]] = {
-    "today": (
-        (),
-        "UPDATE generations SET next_check_at = now() - interval '1 second' "
-        "WHERE status = 'processing'",
-        _wide_lease("generations"),
-    ),
-    "narrow": (
+def _wide_copy(table: str, fillfactor: int) -> tuple[Sequence[str], str, str]:
+    """``generations`` as it was before migration 0006: the check on the row."""
+    return (
         (
-            "CREATE TABLE layout_checks (generation_id uuid PRIMARY KEY, due_at timestamptz)",
-            "CREATE INDEX ON layout_checks (due_at)",
-            f"INSERT INTO layout_checks SELECT id, next_check_at FROM generations "
-            f"WHERE {_LIVE_WHERE}",
+            f"CREATE TABLE {table} (LIKE generations INCLUDING DEFAULTS, "
+            f"next_check_at timestamptz) WITH (fillfactor = {fillfactor})",
+            f"INSERT INTO {table} SELECT g.*, c.due_at FROM generations g "
+            "LEFT JOIN generation_checks c ON c.generation_id = g.id ORDER BY g.created_at",
+            f"ALTER TABLE {table} ADD PRIMARY KEY (id)",
+            f"CREATE INDEX ON {table} (user_id, created_at DESC, id DESC)",
+            f"CREATE INDEX ON {table} (next_check_at) WHERE {_LIVE_WHERE}",
+            f"CREATE INDEX ON {table} (deadline_at) WHERE {_LIVE_WHERE}",
+            f"CREATE INDEX ON {table} (user_id) WHERE {_LIVE_WHERE}",
+            f"CREATE INDEX ON {table} (next_check_at) "
+            "WHERE status = 'completed' AND thumbnail_key IS NULL",
         ),
-        "UPDATE layout_checks SET due_at = now() - interval '1 second'",
+        f"UPDATE {table} SET next_check_at = now() - interval '1 second' "
+        "WHERE status = 'processing'",
+        _wide_lease(table),
+    )
+
+
+# (setup statements, arm, lease) per layout; ``checks`` needs no setup.
+LAYOUTS: dict[str, tuple[Sequence[str], str, str]] = {
+    "checks": (
+        (),
+        "UPDATE generation_checks SET due_at = now() - interval '1 second'",
         f"""
         WITH due AS (
-            SELECT generation_id FROM layout_checks WHERE due_at <= now()
+            SELECT generation_id FROM generation_checks WHERE due_at <= now()
              ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-        UPDATE layout_checks c SET due_at = now() + interval '2 minutes'
+        UPDATE generation_checks c SET due_at = now() + interval '2 minutes'
           FROM due JOIN generations g ON g.id = due.generation_id
          WHERE c.generation_id = due.generation_id
         RETURNING {_RETURNING}, g.updated_at""",
     ),
-    "fillfactor80": (
-        (
-            "CREATE TABLE layout_ff (LIKE generations INCLUDING DEFAULTS) WITH (fillfactor = 80)",
-            "INSERT INTO layout_ff SELECT * FROM generations ORDER BY created_at",
-            "ALTER TABLE layout_ff ADD PRIMARY KEY (id)",
-            "CREATE INDEX ON layout_ff (user_id, created_at DESC, id DESC)",
-            f"CREATE INDEX ON layout_ff (next_check_at) WHERE {_LIVE_WHERE}",
-            f"CREATE INDEX ON layout_ff (deadline_at) WHERE {_LIVE_WHERE}",
-            f"CREATE INDEX ON layout_ff (user_id) WHERE {_LIVE_WHERE}",
-            "CREATE INDEX ON layout_ff (next_check_at) "
-            "WHERE status = 'completed' AND thumbnail_key IS NULL",
-        ),
-        "UPDATE layout_ff SET next_check_at = now() - interval '1 second' "
-        "WHERE status = 'processing'",
-        _wide_lease("layout_ff"),
-    ),
+    "wide": _wide_copy("layout_wide", 100),
+    "fillfactor80": _wide_copy("layout_ff", 80),
 }
 
 

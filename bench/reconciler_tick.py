@@ -10,14 +10,14 @@ Beside them live ``--stuck`` rows of each kind, not due; at each size:
 
 - **empty**: ``--empty-ticks`` ticks with nothing due: the cost of the scans alone;
 - per kind in ``--kinds``, ``--rounds`` rounds: the kind's rows are made due
-  (``next_check_at`` in the past: *re-armed*), then ``tick()`` is called until none
-  is due (a tick leases at most ``reconciler.loop.BATCH`` rows, 1,000: 1,000 stuck rows
-  take one tick). Kinds, each a recovery that leaves the row as it was so rounds repeat
-  (a round that retries a row is an error): ``queued`` (never dispatched: requeued, one
-  XADD each in one pipeline), ``submitted`` (local job with a backlog in the worker
-  queue: left alone, one XINFO for the queue), ``processing`` (local job whose worker
-  heartbeats, its key naming the job: left alone, one MGET of the runners' keys),
-  ``mixed`` (a third of each).
+  (their checks in ``generation_checks`` in the past: *re-armed*), then ``tick()`` is
+  called until none is due (a tick leases at most ``reconciler.loop.BATCH`` rows,
+  1,000: 1,000 stuck rows take one tick). Kinds, each a recovery that leaves the row
+  as it was so rounds repeat (a round that retries a row is an error): ``queued``
+  (never dispatched: requeued, one XADD each in one pipeline), ``submitted`` (local
+  job with a backlog in the worker queue: left alone, one XINFO for the queue),
+  ``processing`` (local job whose worker heartbeats, its key naming the job: left
+  alone, one MGET of the runners' keys), ``mixed`` (a third of each).
 
 Figures: tick ms (p50 / max) for the empty tick and for the first tick of each round
 (a full lease), ms for all ticks of a round, and CPU ms per round: this process's (the
@@ -101,18 +101,25 @@ _FINISHED = """
 
 # Live rows, not due until armed. The deadline is far off: no deadline recovery.
 _LIVE = """
-    INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
-                             seed, created_at, updated_at, next_check_at, deadline_at)
-    SELECT gen_random_uuid(), $1, $2, 1, 'local', 'stuck #' || i, 256, 256, i,
-           now(), now(), now() + interval '1 day', now() + interval '2 days'
-      FROM generate_series(1, $3::int) AS i
-    RETURNING id
+    WITH ins AS (
+        INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
+                                 seed, created_at, updated_at, deadline_at)
+        SELECT gen_random_uuid(), $1, $2, 1, 'local', 'stuck #' || i, 256, 256, i,
+               now(), now(), now() + interval '2 days'
+          FROM generate_series(1, $3::int) AS i
+        RETURNING id
+    ), chk AS (
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, now() + interval '1 day' FROM ins
+    )
+    SELECT id FROM ins
 """
 
-_ARM = "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = ANY($1)"
-_DISARM = "UPDATE generations SET next_check_at = now() + interval '1 day' WHERE id = ANY($1)"
-_DUE = """SELECT count(*) FROM generations
-           WHERE status IN ('queued', 'submitted', 'processing') AND next_check_at <= now()"""
+_ARM = """UPDATE generation_checks SET due_at = now() - interval '1 second'
+           WHERE generation_id = ANY($1)"""
+_DISARM = """UPDATE generation_checks SET due_at = now() + interval '1 day'
+              WHERE generation_id = ANY($1)"""
+_DUE = "SELECT count(*) FROM generation_checks WHERE due_at <= now()"
 
 
 async def load_finished(rt: Runtime, user_id: UUID, lo: int, hi: int) -> float:
@@ -256,9 +263,15 @@ async def explain(rt: Runtime, rec: Reconciler) -> dict[str, str]:
     plans: dict[str, str] = {}
     checks = rec._leased_for_check
     queries = {
-        "lease_due": (loop._LEASE_DUE, BATCH, rec.grace, list(checks), list(checks.values())),
+        "lease_due": (
+            loop._LEASE_DUE,
+            BATCH,
+            rec.grace,
+            list(checks),
+            list(checks.values()),
+            rec.thumbnail_grace,
+        ),
         "past_deadline": (loop._PAST_DEADLINE, BATCH),
-        "lease_thumbnails": (loop._LEASE_THUMBNAILS, BATCH, dt.timedelta(seconds=60)),
     }
     async with rt.pool.acquire() as conn:
         for name, (sql, *params) in queries.items():

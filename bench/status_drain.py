@@ -73,13 +73,19 @@ from core.keys import GROUP_STATUS, Keys
 from core.streams import encode
 
 _SUBMITTED = """
-    INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
-                             seed, created_at, updated_at, next_check_at, deadline_at)
-    SELECT gen_random_uuid(), $1, 'submitted', 1, 'local',
-           'drain #' || i || ': a lighthouse on a cliff at dusk', 256, 256, i,
-           now(), now(), now() + interval '1 hour', now() + interval '2 hours'
-      FROM generate_series(1, $2::int) AS i
-    RETURNING id
+    WITH ins AS (
+        INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
+                                 seed, created_at, updated_at, deadline_at)
+        SELECT gen_random_uuid(), $1, 'submitted', 1, 'local',
+               'drain #' || i || ': a lighthouse on a cliff at dusk', 256, 256, i,
+               now(), now(), now() + interval '2 hours'
+          FROM generate_series(1, $2::int) AS i
+        RETURNING id
+    ), chk AS (
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, now() + interval '1 hour' FROM ins
+    )
+    SELECT id FROM ins
 """
 
 

@@ -3,12 +3,12 @@
 The attempt is claimed (queued -> submitted, CAS) before the provider is called, so a
 redelivered request for the same attempt is a no-op. A crash between the claim and
 the provider call leaves a submitted row with no job: the reconciler retries it when
-its ``next_check_at`` passes. A remote provider's job id is written to the row as
+its check (``generation_checks``) is due. A remote provider's job id is written to the row as
 soon as the provider answers, before anything waits on it, so the reconciler can
 poll it even if every webhook is lost.
 
 Rate limits are taken before the claim: a request over its provider's limit stays
-``queued`` with ``next_check_at`` at the end of its wait, and the reconciler
+``queued`` with its check at the end of its wait, and the reconciler
 publishes it again then. Nothing is dropped.
 
 Requests for queue providers (local workers, hosted runners) are dispatched a batch at
@@ -51,7 +51,7 @@ class Dispatcher:
         self.limiter = limiter
         self.secret = webhook_secret(rt.settings)
 
-    async def _rate_limited(self, generation_id: object, attempt: int, provider: str) -> bool:
+    async def _rate_limited(self, generation_id: UUID, attempt: int, provider: str) -> bool:
         """Take a token, waiting briefly; on a long wait put the row off and say so."""
         wait_s = await self.limiter.take(provider)
         if wait_s <= 0:
@@ -60,12 +60,11 @@ class Dispatcher:
             await asyncio.sleep(wait_s)
             if await self.limiter.take(provider) <= 0:
                 return False
-        await self.rt.pool.execute(
-            """UPDATE generations SET next_check_at = now() + $3::interval
-                WHERE id = $1 AND attempt = $2 AND status = 'queued'""",
-            generation_id,
-            attempt,
-            timedelta(seconds=max(wait_s, MAX_INLINE_WAIT_S)),
+        due = lifecycle.due_in(timedelta(seconds=max(wait_s, MAX_INLINE_WAIT_S)))
+        await lifecycle.reschedule(
+            self.rt.pool,
+            [Change(generation_id, attempt, {"next_check_at": due})],
+            frozenset({Status.QUEUED}),
         )
         log.info("dispatch.rate_limited", provider=provider, wait_s=wait_s)
         return True

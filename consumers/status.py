@@ -174,7 +174,7 @@ class StatusProcessor:
                     user_id=row["user_id"],
                     image_key=row["image_key"],
                 ),
-                # Not lost if it fails: the row keeps next_check_at and the reconciler
+                # Not lost if it fails: the row keeps its check and the reconciler
                 # asks for the thumbnail after the grace period.
                 required=False,
             )

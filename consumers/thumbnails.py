@@ -47,9 +47,15 @@ class Thumbnailer:
         key = thumbnail_key(msg.user_id, msg.generation_id, msg.attempt)
         await rt.storage.put(key, thumb, "image/webp")
         row = await rt.pool.fetchrow(
-            """UPDATE generations SET thumbnail_key = $3, next_check_at = NULL, updated_at = now()
-                WHERE id = $1 AND image_key = $2 AND status = 'completed'
-            RETURNING *""",
+            """WITH upd AS (
+                   UPDATE generations SET thumbnail_key = $3, updated_at = now()
+                    WHERE id = $1 AND image_key = $2 AND status = 'completed'
+                RETURNING *
+               ), chk AS (
+                   -- Whole now: the reconciler has nothing left to ask for.
+                   DELETE FROM generation_checks c USING upd WHERE c.generation_id = upd.id
+               )
+               SELECT * FROM upd""",
             msg.generation_id,
             msg.image_key,
             key,

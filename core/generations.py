@@ -83,14 +83,18 @@ _INSERT = """
     WITH ins AS (
         INSERT INTO generations (id, user_id, status, attempt, provider, prompt, negative_prompt,
                                  width, height, seed, idempotency_key, request_hash,
-                                 next_check_at, deadline_at, flag_rule)
+                                 deadline_at, flag_rule)
         VALUES (gen_random_uuid(), $1, 'queued', 1, $2, $3, $4, $5, $6, $7, $8, $9,
-                now() + $10::interval, now() + $11::interval, $12)
+                now() + $11::interval, $12)
         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING *
     ), hist AS (
         INSERT INTO generation_events (generation_id, attempt, status)
         SELECT id, attempt, status FROM ins
+    ), chk AS (
+        -- Looked at after the grace period: published again if its request was lost.
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, now() + $10::interval FROM ins
     )
     SELECT * FROM ins
 """

@@ -6,7 +6,9 @@ Every change is a compare-and-set in SQL, fenced by ``attempt``::
      WHERE id = :id AND attempt = :attempt AND status = ANY(:allowed_from)
 
 A duplicate or late message matches no row, so it changes nothing. The accepted
-transition and its history row are written by one statement.
+transition, its history row and the generation's next check (``generation_checks``:
+set when the change names one, deleted when the generation finishes) are written by one
+statement.
 
     queued ──▶ submitted ──▶ processing ──▶ completed
        ▲           │              │   └───▶ failed
@@ -62,9 +64,15 @@ _SETTABLE: Mapping[str, str] = {
     "image_key": "text",
     "image_content_type": "text",
     "progress": "float8",
-    "next_check_at": "timestamptz",
     "deadline_at": "timestamptz",
 }
+
+# A change's field that is not a column: when the reconciler looks at the generation
+# next (``generation_checks.due_at``, a datetime). A change to a live status names one;
+# one that finishes the generation deletes its check unless it names one (a completed
+# generation is looked at again if its thumbnail never comes).
+CHECK = "next_check_at"
+_CHECK_TYPE = "timestamptz"
 
 
 def due_in(delta: timedelta) -> datetime:
@@ -89,15 +97,42 @@ def _sets(to: Status, values: Mapping[str, str], bump_attempt: bool) -> str:
     if to is Status.COMPLETED:
         sets.append("completed_at = now()")
         sets.append("progress = 1.0")
-    if to in TERMINAL and "next_check_at" not in values:
-        sets.append("next_check_at = NULL")
     if bump_attempt:
         sets.append("attempt = attempt + 1")
     return ", ".join(sets)
 
 
-def _transition_sql(to: Status, columns: tuple[str, ...], bump_attempt: bool) -> str:
+def _check_sql(to: Status, due: str | None, source: str) -> str:
+    """The check a transition leaves (a CTE after ``upd``): ``due`` (an expression over
+    ``source``, the moved rows) when the change names one, none when it finishes the
+    generation, else the one it had."""
+    if due is not None:
+        return f""", chk AS (
+            INSERT INTO generation_checks (generation_id, due_at)
+            SELECT upd.id, {due} FROM {source}
+                ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
+        )"""
+    if to in TERMINAL:
+        return """, chk AS (
+            DELETE FROM generation_checks c USING upd WHERE c.generation_id = upd.id
+        )"""
+    return ""
+
+
+def _split(fields: Mapping[str, Any], dues: Sequence[Any] = ()) -> tuple[tuple[str, ...], bool]:
+    """A change's columns (sorted, checked) and whether it names a check; ``dues`` are
+    the checks it (or each change of a batch) names."""
+    unknown = fields.keys() - _SETTABLE.keys() - {CHECK}
+    if unknown:
+        raise ValueError(f"not settable by a transition: {sorted(unknown)}")
+    if any(due is None for due in dues):
+        raise ValueError("a check is a time; a finished generation's goes by itself")
+    return tuple(sorted(fields.keys() - {CHECK})), CHECK in fields
+
+
+def _transition_sql(to: Status, columns: tuple[str, ...], check: bool, bump_attempt: bool) -> str:
     values = {name: f"${i}" for i, name in enumerate(columns, start=6)}
+    due = f"${6 + len(columns)}::{_CHECK_TYPE}" if check else None
     return f"""
         WITH upd AS (
             UPDATE generations SET {_sets(to, values, bump_attempt)}
@@ -106,7 +141,7 @@ def _transition_sql(to: Status, columns: tuple[str, ...], bump_attempt: bool) ->
         ), hist AS (
             INSERT INTO generation_events (generation_id, attempt, status, detail)
             SELECT id, attempt, status, $5::jsonb FROM upd
-        )
+        ){_check_sql(to, due, "upd")}
         SELECT * FROM upd
     """
 
@@ -158,11 +193,8 @@ async def _run(
     fields: Mapping[str, Any],
     bump_attempt: bool,
 ) -> asyncpg.Record | None:
-    unknown = fields.keys() - _SETTABLE
-    if unknown:
-        raise ValueError(f"not settable by a transition: {sorted(unknown)}")
-    columns = tuple(sorted(fields))
-    sql = _transition_sql(to, columns, bump_attempt)
+    columns, check = _split(fields, [fields[CHECK]] if CHECK in fields else [])
+    sql = _transition_sql(to, columns, check, bump_attempt)
     row = await conn.fetchrow(
         sql,
         generation_id,
@@ -171,6 +203,7 @@ async def _run(
         _sorted_statuses(allowed_from),
         dict(detail) if detail else None,  # the pool's jsonb codec encodes it
         *(fields[c] for c in columns),
+        *((fields[CHECK],) if check else ()),
     )
     if row is not None and to in TERMINAL:
         _count_finished(to, [row])
@@ -187,15 +220,18 @@ class Change:
     detail: Mapping[str, Any] | None = None
 
 
-def _batch_sql(to: Status, columns: tuple[str, ...]) -> str:
+def _batch_sql(to: Status, columns: tuple[str, ...], check: bool) -> str:
     # Every array has one element per change; unnest zips them into input rows.
     arrays = ["$1::uuid[]", "$2::int[]", "$5::text[]"]
     arrays += [f"${i}::{_SETTABLE[name]}[]" for i, name in enumerate(columns, start=6)]
-    names = ", ".join(["id", "attempt", "detail", *columns])
+    names = ["id", "attempt", "detail", *columns]
+    if check:
+        arrays.append(f"${6 + len(columns)}::{_CHECK_TYPE}[]")
+        names.append("due")
     values = {name: f"i.{name}" for name in columns}
     return f"""
         WITH i AS (
-            SELECT * FROM unnest({", ".join(arrays)}) AS i({names})
+            SELECT * FROM unnest({", ".join(arrays)}) AS i({", ".join(names)})
         ), upd AS (
             UPDATE generations g SET {_sets(to, values, False)}
               FROM i
@@ -204,7 +240,7 @@ def _batch_sql(to: Status, columns: tuple[str, ...]) -> str:
         ), hist AS (
             INSERT INTO generation_events (generation_id, attempt, status, detail)
             SELECT upd.id, upd.attempt, upd.status, i.detail::jsonb FROM upd JOIN i USING (id)
-        )
+        ){_check_sql(to, "i.due" if check else None, "upd JOIN i USING (id)")}
         SELECT * FROM upd
     """
 
@@ -222,22 +258,21 @@ async def transition_many(
         raise ValueError("use retry() to start a new attempt")
     if not changes:
         return []
-    columns = tuple(sorted(changes[0].fields))
-    unknown = set(columns) - _SETTABLE.keys()
-    if unknown:
-        raise ValueError(f"not settable by a transition: {sorted(unknown)}")
-    if any(tuple(sorted(c.fields)) != columns for c in changes):
+    first = changes[0].fields
+    if any(c.fields.keys() != first.keys() for c in changes):
         raise ValueError("every change of a batch must set the same columns")
+    columns, check = _split(first, [c.fields[CHECK] for c in changes] if CHECK in first else [])
     if len({c.generation_id for c in changes}) != len(changes):
         raise ValueError("a batch names a generation twice")
     rows = await conn.fetch(
-        _batch_sql(to, columns),
+        _batch_sql(to, columns, check),
         [c.generation_id for c in changes],
         [c.attempt for c in changes],
         to.value,
         _sorted_statuses(TRANSITIONS[to]),
         [json.dumps(dict(c.detail)) if c.detail else None for c in changes],
         *([c.fields[name] for c in changes] for name in columns),
+        *(([c.fields[CHECK] for c in changes],) if check else ()),
     )
     if to in TERMINAL:
         _count_finished(to, rows)
@@ -255,19 +290,63 @@ async def record_progress(
     conn: asyncpg.Connection | asyncpg.Pool, changes: Sequence[Change]
 ) -> list[asyncpg.Record]:
     """Progress is not a status change: no history row, only while processing, and
-    never backwards. Each change sets ``progress`` and ``next_check_at``."""
+    never backwards. Each change sets ``progress`` and the check (``CHECK``)."""
     if not changes:
         return []
     return await conn.fetch(
-        """UPDATE generations g
-              SET progress = i.progress, next_check_at = i.next_check_at, updated_at = now()
-             FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::timestamptz[])
-                  AS i(id, attempt, progress, next_check_at)
-            WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = 'processing'
-              AND (g.progress IS NULL OR g.progress < i.progress)
-        RETURNING g.*""",
+        """WITH i AS (
+               SELECT * FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::timestamptz[])
+                   AS i(id, attempt, progress, due)
+           ), upd AS (
+               UPDATE generations g SET progress = i.progress, updated_at = now()
+                 FROM i
+                WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = 'processing'
+                  AND (g.progress IS NULL OR g.progress < i.progress)
+            RETURNING g.*
+           ), chk AS (
+               INSERT INTO generation_checks (generation_id, due_at)
+               SELECT upd.id, i.due FROM upd JOIN i USING (id)
+                   ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
+           )
+           SELECT * FROM upd""",
         [c.generation_id for c in changes],
         [c.attempt for c in changes],
         [c.fields["progress"] for c in changes],
-        [c.fields["next_check_at"] for c in changes],
+        [c.fields[CHECK] for c in changes],
+    )
+
+
+# The checks of live generations pushed to other times, each fenced like a transition
+# (``attempt`` and status): a generation that moved on since its row was read keeps
+# the check that change left. The lock on each generation makes the fence exact: a
+# transition in flight is waited for and the row read again.
+_RESCHEDULE = """
+    WITH live AS (
+        SELECT g.id, u.due
+          FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(id, attempt, due)
+          JOIN generations g ON g.id = u.id AND g.attempt = u.attempt
+         WHERE g.status = ANY($4::text[])
+           FOR SHARE OF g
+    )
+    INSERT INTO generation_checks (generation_id, due_at)
+    SELECT id, due FROM live
+        ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
+"""
+
+
+async def reschedule(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    changes: Sequence[Change],
+    statuses: frozenset[Status],
+) -> None:
+    """Each change's check (``CHECK``) for its generation if it is still at that
+    attempt and in one of ``statuses``; no status changes, no history row."""
+    if not changes:
+        return
+    await conn.execute(
+        _RESCHEDULE,
+        [c.generation_id for c in changes],
+        [c.attempt for c in changes],
+        [c.fields[CHECK] for c in changes],
+        _sorted_statuses(statuses),
     )

@@ -1,12 +1,14 @@
 """``gengui reconciler``: finds generations stuck anywhere and moves them on.
 
-Replicas run side by side: each tick leases due rows with ``FOR UPDATE SKIP LOCKED``
-and pushes their ``next_check_at`` forward in the same statement, so no two replicas
-act on one row. The scans use partial indexes on live rows only, so a tick's cost
-does not grow with finished generations.
+Replicas run side by side: each tick leases due checks (``generation_checks``, one
+narrow row per generation that has one) with ``FOR UPDATE SKIP LOCKED`` and pushes
+them forward in the same statement, so no two replicas act on one generation. Only
+live generations and completed ones still without a thumbnail have a check, so a
+tick's cost does not grow with finished generations; and the lease writes the narrow
+schedule rows, not the wide generations (bench/README.md).
 
-How often a live row is looked at is its ``next_check_at``, set per provider when it
-is dispatched: RunPod every ``runpod_check_s`` (5 s), local workers every
+How often a live generation is looked at is its check, set per provider when it is
+dispatched: RunPod every ``runpod_check_s`` (5 s), local workers every
 ``local_check_s`` (2 min), and so on (``providers.registry.check_after``).
 
 Recoveries (each logged as ``reconciler.recovered`` with a reason):
@@ -23,6 +25,8 @@ Recoveries (each logged as ``reconciler.recovered`` with a reason):
 - ``deadline``: past ``deadline_at`` -> ``failed`` (``timed_out``), and the provider's
   job is cancelled;
 - ``thumbnail``: completed without a thumbnail after a grace period -> asked again.
+
+A check left behind by a generation that finished anyway is deleted when it is due.
 
 A job that is merely slow is left alone: a queue with a backlog, a worker still
 heartbeating with the job in hand, a remote job still running. Its deadline bounds it.
@@ -79,26 +83,31 @@ POLL_CONCURRENCY = 16
 # bench/README.md). A polled row's job (prompt and the rest) is read with one query for
 # all of them (``_JOBS``).
 _LEASED = """g.id, g.user_id, g.status, g.attempt, g.provider, g.provider_job_id, g.runner,
-    g.updated_at"""
+    g.updated_at, g.image_key, g.thumbnail_key"""
 _JOBS = "SELECT * FROM generations WHERE id = ANY($1::uuid[])"
 
-# A due row is leased for as long as its recovery may take: a queued row for the grace
-# period (published again after it), a remote row for the grace period (polled within
-# it), a queue or worker job straight for its provider's check interval ($3, $4): that
-# is what it gets when it is left alone, the common case, so it is written once.
+# A due check is leased for as long as its recovery may take: a queued row for the
+# grace period (published again after it), a remote row for the grace period (polled
+# within it), a queue or worker job straight for its provider's check interval ($3, $4):
+# that is what it gets when it is left alone, the common case, so it is written once;
+# a missing thumbnail for the thumbnail grace period ($5). The generation is read, not
+# written.
 _LEASE_DUE = f"""
     WITH due AS (
-        SELECT id FROM generations
-         WHERE status IN ('queued', 'submitted', 'processing') AND next_check_at <= now()
-         ORDER BY next_check_at
+        SELECT generation_id FROM generation_checks
+         WHERE due_at <= now()
+         ORDER BY due_at
          LIMIT $1
            FOR UPDATE SKIP LOCKED
     )
-    UPDATE generations g
-       SET next_check_at = now() + CASE WHEN g.status = 'queued' THEN $2::interval
+    UPDATE generation_checks c
+       SET due_at = now() + CASE g.status
+           WHEN 'queued' THEN $2::interval
+           WHEN 'completed' THEN $5::interval
            ELSE coalesce(($4::interval[])[array_position($3::text[], g.provider::text)],
                          $2::interval) END
-      FROM due WHERE g.id = due.id
+      FROM due JOIN generations g ON g.id = due.generation_id
+     WHERE c.generation_id = due.generation_id
     RETURNING {_LEASED}
 """
 
@@ -108,26 +117,19 @@ _PAST_DEADLINE = """
      LIMIT $1
 """
 
-_LEASE_THUMBNAILS = """
-    WITH due AS (
+# Checks of generations that finished with nothing left to ask for, fenced like a
+# transition (a generation retried since its lease keeps its new check).
+_FORGET = """
+    WITH done AS (
         SELECT id FROM generations
-         WHERE status = 'completed' AND thumbnail_key IS NULL AND next_check_at <= now()
-         ORDER BY next_check_at
-         LIMIT $1
-           FOR UPDATE SKIP LOCKED
+         WHERE id = ANY($1::uuid[])
+           AND (status IN ('failed', 'cancelled')
+                OR (status = 'completed' AND thumbnail_key IS NOT NULL))
+           FOR SHARE
     )
-    UPDATE generations g SET next_check_at = now() + $2::interval
-      FROM due WHERE g.id = due.id
-    RETURNING g.id, g.attempt, g.user_id, g.image_key
+    DELETE FROM generation_checks c USING done WHERE c.generation_id = done.id
 """
-
-# Each row's next check, fenced like a transition: a row that moved on since the lease
-# (a result landed, another attempt started) keeps what that change set.
-_EXTEND = """
-    UPDATE generations g SET next_check_at = u.due
-      FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS u(id, attempt, due)
-     WHERE g.id = u.id AND g.attempt = u.attempt AND g.status IN ('submitted', 'processing')
-"""
+_EXTENDED_FROM = frozenset({Status.SUBMITTED, Status.PROCESSING})
 
 
 @dataclass
@@ -159,10 +161,7 @@ class Reconciler:
         )
         # First: a row past its deadline fails, it is not retried by a lease below.
         counts["deadline"] = await self._deadlines()
-        settled, counts["thumbnail"] = await asyncio.gather(
-            self._lease_and_settle(), self._thumbnails()
-        )
-        counts.update(settled)
+        counts.update(await self._lease_and_settle())
         for reason, n in counts.items():
             if n:
                 log.info("reconciler.recovered", reason=reason, count=n)
@@ -170,25 +169,41 @@ class Reconciler:
         return dict(counts)
 
     async def _lease_and_settle(self) -> Counter[str]:
-        """Lease up to BATCH due rows and settle them by kind."""
+        """Lease up to BATCH due checks and settle their generations by kind."""
         rows = await self.rt.pool.fetch(
             _LEASE_DUE,
             BATCH,
             self.grace,
             list(self._leased_for_check),
             list(self._leased_for_check.values()),
+            self.thumbnail_grace,
         )
         queued = [r for r in rows if r["status"] == Status.QUEUED]
-        dispatched = [r for r in rows if r["status"] != Status.QUEUED]
+        dispatched = [r for r in rows if r["status"] in _EXTENDED_FROM]
         remote = [r for r in dispatched if r["provider"] in self.providers.polling]
         local = [r for r in dispatched if r["provider"] not in self.providers.polling]
+        thumbnails = [
+            r for r in rows if r["status"] == Status.COMPLETED and r["thumbnail_key"] is None
+        ]
+        taken = {r["id"] for r in (*queued, *dispatched, *thumbnails)}
+        done = [r["id"] for r in rows if r["id"] not in taken]
         # Side by side: no kind waits for another's round trips, local rows not for polls.
-        requeued, settled_local, settled_remote = await asyncio.gather(
-            self._requeue(queued), self._settle_local(local), self._settle_remote(remote)
+        requeued, settled_local, settled_remote, thumbnailed, _ = await asyncio.gather(
+            self._requeue(queued),
+            self._settle_local(local),
+            self._settle_remote(remote),
+            self._thumbnails(thumbnails),
+            self._forget(done),
         )
         counts = settled_local + settled_remote
         counts["requeue"] = requeued
+        counts["thumbnail"] = thumbnailed
         return counts
+
+    async def _forget(self, ids: list[UUID]) -> None:
+        """Checks left by generations that finished anyway (rare: a race with a lease)."""
+        if ids:
+            await self.rt.pool.execute(_FORGET, ids)
 
     async def _requeue(self, rows: Sequence[asyncpg.Record]) -> int:
         """Queued rows (the common case after Redis lost its streams): one pipeline."""
@@ -255,12 +270,13 @@ class Reconciler:
             p: lifecycle.due_in(check_after(self.rt.settings, p))
             for p in {r["provider"] for r in rows}
         }
-        await self.rt.pool.execute(
-            _EXTEND,
-            [r["id"] for r in rows],
-            [r["attempt"] for r in rows],
-            [due[r["provider"]] for r in rows],
-        )
+        changes = [
+            lifecycle.Change(r["id"], r["attempt"], {"next_check_at": due[r["provider"]]})
+            for r in rows
+        ]
+        # Fenced: a row that moved on since the lease (a result landed, another attempt
+        # started) keeps the check that change left.
+        await lifecycle.reschedule(self.rt.pool, changes, _EXTENDED_FROM)
 
     async def _has_backlog(self, provider: str) -> bool:
         """Entries not yet taken by the provider's runners: a slow queue, not a lost job."""
@@ -414,8 +430,8 @@ class Reconciler:
         await notify_many(self.rt.publisher, [(failed, "generation.failed") for _, failed in ended])
         return len(ended)
 
-    async def _thumbnails(self) -> int:
-        rows = await self.rt.pool.fetch(_LEASE_THUMBNAILS, BATCH, self.thumbnail_grace)
+    async def _thumbnails(self, rows: Sequence[asyncpg.Record]) -> int:
+        """Completed generations whose thumbnail never came: asked again."""
         messages = [
             ThumbnailRequested(
                 generation_id=r["id"],

@@ -126,23 +126,28 @@ def notify(row: dict[str, Any], event_type: str) -> None:
     notices().publish(f"{PREFIX}:user:{row['user_id']}", orjson.dumps(event))
 
 
-# core.lifecycle's CAS: the row and its history in one statement.
+# core.lifecycle's CAS: the row, its history and its check in one statement.
 _TRANSITION = """
     WITH upd AS (
-        UPDATE generations SET status = %(to)s, updated_at = now(), {sets}
+        UPDATE generations SET status = %(to)s, updated_at = now(){sets}
          WHERE id = %(id)s AND attempt = %(attempt)s AND status = ANY(%(allowed)s)
      RETURNING *
     ), hist AS (
         INSERT INTO generation_events (generation_id, attempt, status, detail)
         SELECT id, attempt, status, NULL FROM upd
-    )
+    ), chk AS ({check})
     SELECT * FROM upd
 """
-_SUBMITTED = _TRANSITION.format(sets="next_check_at = now() + interval '120 seconds'")
-_PROCESSING = _TRANSITION.format(sets="next_check_at = now() + interval '120 seconds'")
+_CHECK_IN_2_MIN = """
+    INSERT INTO generation_checks (generation_id, due_at)
+    SELECT id, now() + interval '120 seconds' FROM upd
+        ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at"""
+_SUBMITTED = _TRANSITION.format(sets="", check=_CHECK_IN_2_MIN)
+_PROCESSING = _TRANSITION.format(sets="", check=_CHECK_IN_2_MIN)
 _COMPLETED = _TRANSITION.format(
-    sets="image_key = %(image_key)s, image_content_type = 'image/png', completed_at = now(), "
-    "progress = 1.0, next_check_at = NULL"
+    sets=", image_key = %(image_key)s, image_content_type = 'image/png', completed_at = now(), "
+    "progress = 1.0",
+    check="DELETE FROM generation_checks c USING upd WHERE c.generation_id = upd.id",
 )
 
 

@@ -42,13 +42,16 @@ _AUTH = """
 _INSERT = """
     WITH ins AS (
         INSERT INTO generations (id, user_id, status, attempt, provider, prompt, negative_prompt,
-                                 width, height, seed, next_check_at, deadline_at)
+                                 width, height, seed, deadline_at)
         VALUES (gen_random_uuid(), $1, 'queued', 1, 'local', $2, $3, $4, $5, $6,
-                now() + interval '30 seconds', now() + interval '600 seconds')
+                now() + interval '600 seconds')
         RETURNING *
     ), hist AS (
         INSERT INTO generation_events (generation_id, attempt, status)
         SELECT id, attempt, status FROM ins
+    ), chk AS (
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, now() + interval '30 seconds' FROM ins
     )
     SELECT * FROM ins
 """

@@ -348,10 +348,13 @@ async def test_create_survives_a_failed_dispatch_publish(
     notices = await rt.redis.xrange(rt.settings.keys.user_events(alice.user_id))
     assert [orjson.loads(f[b"__data__"])["type"] for _, f in notices] == ["generation.queued"]
     await rt.redis.delete(requested)
-    await rt.pool.execute(
-        "UPDATE generations SET next_check_at = now() - interval '1 second' WHERE id = $1",
+    # Created with a check after the grace period: made due now.
+    made_due = await rt.pool.execute(
+        "UPDATE generation_checks SET due_at = now() - interval '1 second'"
+        " WHERE generation_id = $1 AND due_at > now()",
         uuid.UUID(gid),
     )
+    assert made_due == "UPDATE 1"
     counts = await Reconciler(rt).tick()
     assert counts["requeue"] == 1
     assert await rt.redis.xlen(requested) == 1

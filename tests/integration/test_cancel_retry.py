@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -14,6 +15,7 @@ from core.lifecycle import Status
 from core.runtime import Runtime
 from core.storage import original_key
 from tests.conftest import UserAuth
+from tests.integration.test_reconciler import check_of
 
 BODY = {"prompt": "cancel me", "width": 256, "height": 256}
 
@@ -29,6 +31,7 @@ async def test_cancel_a_queued_generation_then_again(client, alice: UserAuth, rt
     assert first.status == 200 and (await first.json())["status"] == "cancelled"
     again = await client.post(f"/api/v1/generations/{gid}/cancel", headers=alice.headers)
     assert again.status == 200
+    assert await check_of(rt, uuid.UUID(gid)) is None  # finished: never looked at again
     events = await rt.pool.fetchval(
         "SELECT count(*) FROM generation_events WHERE generation_id = $1 AND status = 'cancelled'",
         uuid.UUID(gid),
@@ -66,15 +69,22 @@ async def test_retry_of_a_failed_generation_starts_a_new_attempt(
     client, alice: UserAuth, rt: Runtime
 ) -> None:
     gid = await _create(client, alice)
+    # As a failure leaves it: finished, without a check.
     await rt.pool.execute(
-        """UPDATE generations SET status = 'failed', error_code = 'x', error_message = 'y'
-            WHERE id = $1""",
+        """WITH f AS (
+               UPDATE generations SET status = 'failed', error_code = 'x', error_message = 'y'
+                WHERE id = $1 RETURNING id)
+           DELETE FROM generation_checks c USING f WHERE c.generation_id = f.id""",
         uuid.UUID(gid),
     )
     resp = await client.post(f"/api/v1/generations/{gid}/retry", headers=alice.headers)
     assert resp.status == 202
     body = await resp.json()
     assert (body["status"], body["attempt"], body["error"]) == ("queued", 2, None)
+    # Looked at after the grace period, should its request be lost too.
+    due = await check_of(rt, uuid.UUID(gid))
+    grace = rt.settings.dispatch_grace_s
+    assert due is not None and grace - 10 < (due - datetime.now(UTC)).total_seconds() <= grace
     entries = await rt.redis.xrange(rt.settings.keys.requested)
     last = GenerationRequested.model_validate_json(entries[-1][1][b"__data__"])
     assert (str(last.generation_id), last.attempt) == (gid, 2)

@@ -127,7 +127,7 @@ async def test_a_live_runner_that_no_longer_holds_a_job_gets_it_retried(
         assert await lifecycle.transition(
             rt.pool, gid, attempt=1, to=Status.PROCESSING, detail={"source": "w1"}, runner="w1"
         )
-    await rt.pool.execute("UPDATE generations SET next_check_at = now()")
+    await rt.pool.execute("UPDATE generation_checks SET due_at = now()")
     in_hand = InHand()
     stop = asyncio.Event()
     task = asyncio.create_task(heartbeats.beat(rt, "w1", in_hand, stop))

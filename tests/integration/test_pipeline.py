@@ -13,6 +13,7 @@ from core.lifecycle import Status
 from core.runtime import Runtime
 from core.storage import original_key
 from tests.conftest import HeldEngine, UserAuth, wait_for_status
+from tests.integration.test_reconciler import check_of
 
 BODY = {"prompt": "a lighthouse at dusk", "width": 512, "height": 384, "seed": 7}
 
@@ -45,6 +46,8 @@ async def test_generation_reaches_completed_with_image_and_thumbnail(
     )
     # A placeholder job is done long before worker_processing_after_s: no processing.
     assert [r["status"] for r in history] == ["queued", "submitted", "completed"]
+    # Whole: the reconciler has nothing left to look at.
+    assert await check_of(rt, uuid.UUID(created["id"])) is None
 
 
 async def test_a_long_job_is_processing_until_its_image_is_stored(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from core import lifecycle
 from core.events import GenerationRequested
@@ -16,12 +19,13 @@ from tests.conftest import UserAuth
 async def _generation(
     rt: Runtime, user: UserAuth, status: str = "queued", attempt: int = 1, **cols: str
 ) -> uuid.UUID:
+    """A generation with a check that is due (whatever its status)."""
     extra = "".join(f", {k} = {v}" for k, v in cols.items())
     gid: uuid.UUID = await rt.pool.fetchval(
         """INSERT INTO generations (id, user_id, status, attempt, provider, prompt,
-                                    width, height, seed, next_check_at, deadline_at)
+                                    width, height, seed, deadline_at)
            VALUES (gen_random_uuid(), $1, $2, $3, 'local', 'p', 512, 512, 1,
-                   now() - interval '1 second', now() + interval '1 hour')
+                   now() + interval '1 hour')
            RETURNING id""",
         user.user_id,
         status,
@@ -29,7 +33,26 @@ async def _generation(
     )
     if extra:
         await rt.pool.execute(f"UPDATE generations SET {extra[2:]} WHERE id = $1", gid)
+    await check_due(rt, gid, at="now() - interval '1 second'")
     return gid
+
+
+async def check_due(rt: Runtime, *ids: uuid.UUID, at: str = "now()") -> None:
+    """Sets the generations' checks to ``at`` (an SQL expression), as if now due."""
+    await rt.pool.execute(
+        f"""INSERT INTO generation_checks (generation_id, due_at)
+            SELECT id, {at} FROM unnest($1::uuid[]) AS id
+                ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at""",
+        list(ids),
+    )
+
+
+async def check_of(rt: Runtime, gid: uuid.UUID) -> datetime | None:
+    """When the reconciler looks at the generation next; None: never."""
+    due: datetime | None = await rt.pool.fetchval(
+        "SELECT due_at FROM generation_checks WHERE generation_id = $1", gid
+    )
+    return due
 
 
 async def _requested(rt: Runtime) -> list[GenerationRequested]:
@@ -64,10 +87,12 @@ async def test_silent_submitted_job_gets_a_new_attempt_after_a_backoff(
     row = await _row(rt, gid)
     assert (row["status"], row["attempt"]) == ("queued", 2)
     # It waits out its backoff (1..2 s for the first retry) before it is published.
-    wait_s = (row["next_check_at"] - row["updated_at"]).total_seconds()
+    due = await check_of(rt, gid)
+    assert due is not None
+    wait_s = (due - row["updated_at"]).total_seconds()
     assert rt.settings.retry_base_s / 2 <= wait_s <= rt.settings.retry_base_s + 0.5
     assert await _requested(rt) == []
-    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    await check_due(rt, gid)
     assert (await rec.tick())["requeue"] == 1
     assert await _requested(rt) == [
         GenerationRequested(generation_id=gid, attempt=2, provider="local")
@@ -79,7 +104,7 @@ async def test_last_attempt_without_result_fails(rt: Runtime, alice: UserAuth) -
     assert (await Reconciler(rt).tick())["exhausted"] == 1
     row = await _row(rt, gid)
     assert (row["status"], row["error_code"]) == ("failed", "no_result")
-    assert row["next_check_at"] is None
+    assert await check_of(rt, gid) is None  # finished: never looked at again
 
 
 async def test_past_deadline_fails_with_timed_out(rt: Runtime, alice: UserAuth) -> None:
@@ -93,17 +118,27 @@ async def test_past_deadline_fails_with_timed_out(rt: Runtime, alice: UserAuth) 
 
 
 async def test_completed_without_thumbnail_is_asked_again(rt: Runtime, alice: UserAuth) -> None:
-    await _generation(rt, alice, status="completed", image_key="'users/x/original.png'")
+    missing = await _generation(rt, alice, status="completed", image_key="'users/x/original.png'")
     done = await _generation(rt, alice, status="completed", image_key="'a'", thumbnail_key="'b'")
-    await rt.pool.execute("UPDATE generations SET next_check_at = NULL WHERE id = $1", done)
+    await rt.pool.execute("DELETE FROM generation_checks WHERE generation_id = $1", done)
     assert (await Reconciler(rt).tick())["thumbnail"] == 1
     assert await rt.redis.xlen(rt.settings.keys.thumbnails) == 1
+    # Asked again after another grace period, if this one never comes either.
+    due = await check_of(rt, missing)
+    wait_s = (due - datetime.now(UTC)).total_seconds() if due else 0.0
+    assert rt.settings.thumbnail_grace_s - 10 < wait_s <= rt.settings.thumbnail_grace_s
 
 
 async def test_terminal_rows_are_left_alone(rt: Runtime, alice: UserAuth) -> None:
-    for status in ("failed", "cancelled"):
-        await _generation(rt, alice, status=status)
+    """Finished generations are not acted on, and a check one left behind is deleted."""
+    ids = [await _generation(rt, alice, status=status) for status in ("failed", "cancelled")]
+    ids.append(
+        await _generation(rt, alice, status="completed", image_key="'a'", thumbnail_key="'b'")
+    )
     assert sum((await Reconciler(rt).tick()).values()) == 0
+    assert [await check_of(rt, gid) for gid in ids] == [None, None, None]
+    assert await _requested(rt) == []
+    assert await rt.redis.xlen(rt.settings.keys.thumbnails) == 0
 
 
 async def test_two_reconcilers_never_act_on_one_row(rt: Runtime, alice: UserAuth) -> None:
@@ -154,10 +189,11 @@ async def test_submitted_job_behind_a_backlog_is_left_to_wait(rt: Runtime, alice
     assert counts["retry"] == 0
     row = await _row(rt, gid)
     assert (row["status"], row["attempt"]) == ("submitted", 1)
-    assert row["next_check_at"] > row["updated_at"]  # looked at again later
+    due = await check_of(rt, gid)
+    assert due is not None and due > row["updated_at"]  # looked at again later
     # Once the backlog is drained and the row is still silent, the job was lost.
     await rt.redis.xreadgroup(GROUP_GPU_WORKERS, "w", {stream: ">"})
-    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    await check_due(rt, gid)
     assert (await Reconciler(rt).tick())["retry"] == 1
     assert (await _row(rt, gid))["attempt"] == 2
 
@@ -172,13 +208,13 @@ async def test_processing_job_on_a_live_worker_is_not_retried(rt: Runtime, alice
         detail={"source": "worker-a"},
         runner="worker-a",
     )
-    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    await check_due(rt, gid)
     await rt.redis.set(rt.settings.keys.worker_heartbeat("worker-a"), "alive", ex=60)
     assert (await Reconciler(rt).tick())["retry"] == 0
     assert (await _row(rt, gid))["status"] == "processing"
     # The worker's heartbeat stops: its job goes to another worker as attempt 2.
     await rt.redis.delete(rt.settings.keys.worker_heartbeat("worker-a"))
-    await rt.pool.execute("UPDATE generations SET next_check_at = now() WHERE id = $1", gid)
+    await check_due(rt, gid)
     assert (await Reconciler(rt).tick())["retry"] == 1
     row = await _row(rt, gid)
     assert (row["status"], row["attempt"]) == ("queued", 2)
@@ -220,3 +256,65 @@ async def test_history_detail_is_stored_as_a_json_object(rt: Runtime, alice: Use
         gid,
     )
     assert (kind, source) == ("object", "w")
+
+
+async def test_a_check_goes_with_each_change_of_a_generation(rt: Runtime, alice: UserAuth) -> None:
+    """Written by the statement that moves the generation: named, kept, or deleted."""
+    gid = await _generation(rt, alice)
+    soon, later, thumb = (
+        lifecycle.due_in(timedelta(seconds=s)) for s in (30, 120, rt.settings.thumbnail_grace_s)
+    )
+    assert await lifecycle.transition(
+        rt.pool, gid, attempt=1, to=Status.SUBMITTED, next_check_at=soon
+    )
+    assert await check_of(rt, gid) == soon
+    # A change that names no check keeps the one it had.
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.PROCESSING)
+    assert await check_of(rt, gid) == soon
+    assert await lifecycle.record_progress(
+        rt.pool, [lifecycle.Change(gid, 1, {"progress": 0.5, "next_check_at": later})]
+    )
+    assert await check_of(rt, gid) == later
+    # Completed: looked at again only if its thumbnail never comes.
+    assert await lifecycle.transition(
+        rt.pool, gid, attempt=1, to=Status.COMPLETED, image_key="k", next_check_at=thumb
+    )
+    assert await check_of(rt, gid) == thumb
+    # A stale change matches nothing and leaves the check alone.
+    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.FAILED) is None
+    assert await check_of(rt, gid) == thumb
+    with pytest.raises(ValueError, match="a check is a time"):
+        await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.FAILED, next_check_at=None)
+
+
+async def test_a_reschedule_is_fenced_by_attempt_and_status(rt: Runtime, alice: UserAuth) -> None:
+    waiting, dispatched = [await _generation(rt, alice) for _ in range(2)]
+    retried = await _generation(rt, alice, status="failed")
+    before = {gid: await check_of(rt, gid) for gid in (dispatched, retried)}
+    assert await lifecycle.transition(rt.pool, dispatched, attempt=1, to=Status.SUBMITTED)
+    assert await lifecycle.retry(  # queued again, as attempt 2
+        rt.pool, retried, attempt=1, allowed_from=frozenset({Status.FAILED})
+    )
+    later = lifecycle.due_in(timedelta(minutes=5))
+    changes = [
+        lifecycle.Change(gid, 1, {"next_check_at": later}) for gid in (waiting, dispatched, retried)
+    ]
+    await lifecycle.reschedule(rt.pool, changes, frozenset({Status.QUEUED}))
+    assert await check_of(rt, waiting) == later
+    assert {gid: await check_of(rt, gid) for gid in (dispatched, retried)} == before
+
+
+async def test_a_retried_generation_keeps_its_check(rt: Runtime, alice: UserAuth) -> None:
+    """A check is deleted as left behind only while its generation is still finished."""
+    failed = await _generation(rt, alice, status="failed")
+    assert await lifecycle.retry(
+        rt.pool,
+        failed,
+        attempt=1,
+        allowed_from=frozenset({Status.FAILED}),
+        next_check_at=lifecycle.due_in(timedelta(seconds=-1)),
+    )
+    rec = Reconciler(rt)
+    await rec._forget([failed])  # as if leased while it was failed
+    assert await check_of(rt, failed) is not None
+    assert (await rec.tick())["requeue"] == 1

@@ -26,15 +26,21 @@ from providers.registry import ProviderSet, open_providers
 from reconciler.loop import BATCH, Reconciler
 from tests.conftest import UserAuth
 from tests.integration.test_provider_pipeline import _serve
-from tests.integration.test_reconciler import _requested, _row
+from tests.integration.test_reconciler import _requested, _row, check_due, check_of
 
 _INSERT = """
-    INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width, height,
-                             seed, updated_at, next_check_at, deadline_at)
-    SELECT gen_random_uuid(), $1, $2, $3, $4, $5, 512, 512, i, now() - $6::interval,
-           now() - interval '1 second', now() + interval '1 hour'
-      FROM generate_series(1, $7::int) AS i
-    RETURNING id
+    WITH ins AS (
+        INSERT INTO generations (id, user_id, status, attempt, provider, prompt, width,
+                                 height, seed, updated_at, deadline_at)
+        SELECT gen_random_uuid(), $1, $2, $3, $4, $5, 512, 512, i, now() - $6::interval,
+               now() + interval '1 hour'
+          FROM generate_series(1, $7::int) AS i
+        RETURNING id
+    ), chk AS (
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, now() - interval '1 second' FROM ins
+    )
+    SELECT id FROM ins
 """
 
 
@@ -87,9 +93,9 @@ async def _states(rt: Runtime, ids: list[uuid.UUID]) -> set[tuple[str, int]]:
 async def _next_check_in_s(rt: Runtime, ids: list[uuid.UUID]) -> tuple[float, float]:
     """Shortest and longest wait until the rows' next check, in seconds from now."""
     lo, hi = await rt.pool.fetchrow(
-        """SELECT extract(epoch FROM min(next_check_at) - now()),
-                  extract(epoch FROM max(next_check_at) - now())
-             FROM generations WHERE id = ANY($1)""",
+        """SELECT extract(epoch FROM min(due_at) - now()),
+                  extract(epoch FROM max(due_at) - now())
+             FROM generation_checks WHERE generation_id = ANY($1)""",
         ids,
     )
     return float(lo), float(hi)
@@ -128,10 +134,7 @@ async def test_one_tick_settles_many_rows_of_every_kind(rt: Runtime, alice: User
     never_ran = await _stuck(rt, alice, 5, "processing")
     last_attempt = await _stuck(rt, alice, 5, "processing", attempt=s.max_attempts)
     not_due = await _stuck(rt, alice, 5, "submitted")
-    await rt.pool.execute(
-        "UPDATE generations SET next_check_at = now() + interval '1 hour' WHERE id = ANY($1)",
-        not_due,
-    )
+    await check_due(rt, *not_due, at="now() + interval '1 hour'")
     await _backlog_in_local_queue(rt)
     await _ran_on(rt, on_live_worker + older_attempt_ran, "worker-a")
     await _ran_on(rt, on_dead_worker, "worker-b")
@@ -182,7 +185,8 @@ async def test_a_full_batch_of_stuck_rows_takes_one_tick(rt: Runtime, alice: Use
     assert await _states(rt, alive) == {("processing", 1)}
     assert await _states(rt, dead) == {("queued", 2)}
     due = await rt.pool.fetchval(
-        "SELECT count(*) FROM generations WHERE id = ANY($1) AND next_check_at <= now()", ids
+        "SELECT count(*) FROM generation_checks WHERE generation_id = ANY($1) AND due_at <= now()",
+        ids,
     )
     assert due == 0
 
@@ -297,9 +301,10 @@ async def test_a_row_that_moved_on_is_not_extended(rt: Runtime, alice: UserAuth)
         assert await lifecycle.transition(
             rt.pool, completed, attempt=1, to=Status.COMPLETED, image_key="k"
         )
-        before = {gid: (await _row(rt, gid))["next_check_at"] for gid in (redispatched, completed)}
+        before = {gid: await check_of(rt, gid) for gid in (redispatched, completed)}
+        assert before[redispatched] is not None and before[completed] is None  # finished
         await Reconciler(rt, providers)._extend(leased)
         lo, _ = await _next_check_in_s(rt, [current])
         assert lo > 290
-        assert (await _row(rt, redispatched))["next_check_at"] == before[redispatched]
-        assert (await _row(rt, completed))["next_check_at"] == before[completed]
+        assert await check_of(rt, redispatched) == before[redispatched]
+        assert await check_of(rt, completed) is None
