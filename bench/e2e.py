@@ -49,6 +49,11 @@ import orjson
 import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parent.parent
+# This tree's gengui, not the venv's editable install (which names the checkout the venv
+# was made from): a bench run from an older commit's worktree migrates and imports that
+# commit's code, as ``process_env`` makes the processes it starts do.
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

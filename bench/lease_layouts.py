@@ -122,12 +122,26 @@ LAYOUTS: dict[str, tuple[Sequence[str], str, str]] = {
 }
 
 
+async def _explain(conn: Any, name: str) -> list[str]:
+    """The plan of one more lease of ``name``, re-armed first."""
+    _, arm, lease = LAYOUTS[name]
+    await conn.execute(arm)
+    await asyncio.sleep(0.2)
+    rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS, WAL, COSTS OFF) {lease}", BATCH)
+    return [r[0] for r in rows]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--finished", type=int, default=1_000_000, help="finished rows")
     p.add_argument("--stuck", type=int, default=BATCH, help="processing rows leased each round")
     p.add_argument("--rounds", type=int, default=10, help="leases per layout")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="after the rounds, print EXPLAIN (ANALYZE, BUFFERS, WAL) of one more lease each",
+    )
     args = p.parse_args(argv)
     if args.stuck < 1 or args.rounds < 1:
         p.error("--stuck and --rounds must be at least 1")
@@ -153,6 +167,7 @@ async def run(args: argparse.Namespace) -> int:
     configure_logging("json", "WARNING")
     times: dict[str, list[float]] = {name: [] for name in args.layouts}
     wal: dict[str, list[int]] = {name: [] for name in args.layouts}
+    plans: dict[str, list[str]] = {}
     async with contextlib.AsyncExitStack() as stack:
         servers = await asyncio.to_thread(start_servers, tmp)
         meta["servers"] = await server_versions(servers)
@@ -194,6 +209,8 @@ async def run(args: argparse.Namespace) -> int:
                         raise BenchError(
                             f"{name}: leased {len(rows)} rows, not {min(BATCH, args.stuck)}"
                         )
+            if args.explain:
+                plans = {name: await _explain(conn, name) for name in args.layouts}
     meta["calibration_end"] = calibrate()
     results = {
         name: {
@@ -212,6 +229,10 @@ async def run(args: argparse.Namespace) -> int:
     print(f"{'layout':<14}{'p50 ms':>8}{'min ms':>8}{'WAL B/row':>11}")
     for name, r in results.items():
         print(f"{name:<14}{r['p50_ms']:>8.1f}{r['min_ms']:>8.1f}{r['wal_bytes_per_row']:>11}")
+    if args.explain:
+        for name in args.layouts:
+            print(f"\n{name}:")
+            print("\n".join(f"  {line}" for line in plans[name]))
     print_calibration(meta)
     write_results("lease-layouts", started.strftime("%Y%m%d-%H%M%S"), {**meta, **results})
     return 0

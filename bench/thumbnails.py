@@ -14,10 +14,16 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from PIL import Image
+
+# This tree's gengui first, not the venv's editable install (an older commit's worktree
+# measures its own code).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.imaging import make_thumbnail
 from providers.local.engines.placeholder import render_placeholder

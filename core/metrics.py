@@ -15,8 +15,9 @@ Two kinds of series:
 Why generations are split into a gauge of *live* rows and a counter of *finished*
 ones: counting every row per status on each scrape is a sequential scan that grows
 without bound (1M rows: ~100 ms per scrape, per replica). Live rows (queued,
-submitted, processing) are few and sit in the partial index ``ix_generations_next_check``,
-so their ``GROUP BY`` stays cheap; terminal transitions are counted where they happen
+submitted, processing) are few and sit in the partial indexes on live rows
+(``ix_generations_user_active``, ``ix_generations_deadline``), so their ``GROUP BY``
+stays cheap; terminal transitions are counted where they happen
 (``GENERATIONS_FINISHED``) and ``rate()``/``increase()`` answer "how many completed".
 The scrape result is cached for ``ttl_s`` so a burst of scrapers costs one query.
 """
