@@ -178,15 +178,22 @@ class Reconciler:
             list(self._leased_for_check.values()),
             self.thumbnail_grace,
         )
-        queued = [r for r in rows if r["status"] == Status.QUEUED]
-        dispatched = [r for r in rows if r["status"] in _EXTENDED_FROM]
-        remote = [r for r in dispatched if r["provider"] in self.providers.polling]
-        local = [r for r in dispatched if r["provider"] not in self.providers.polling]
-        thumbnails = [
-            r for r in rows if r["status"] == Status.COMPLETED and r["thumbnail_key"] is None
-        ]
-        taken = {r["id"] for r in (*queued, *dispatched, *thumbnails)}
-        done = [r["id"] for r in rows if r["id"] not in taken]
+        queued: list[asyncpg.Record] = []
+        local: list[asyncpg.Record] = []
+        remote: list[asyncpg.Record] = []
+        thumbnails: list[asyncpg.Record] = []
+        done: list[UUID] = []
+        polling = self.providers.polling
+        for r in rows:  # one pass: a tick's rows are sorted by kind
+            status = r["status"]
+            if status == Status.QUEUED:
+                queued.append(r)
+            elif status in _EXTENDED_FROM:
+                (remote if r["provider"] in polling else local).append(r)
+            elif status == Status.COMPLETED and r["thumbnail_key"] is None:
+                thumbnails.append(r)
+            else:
+                done.append(r["id"])
         # Side by side: no kind waits for another's round trips, local rows not for polls.
         requeued, settled_local, settled_remote, thumbnailed, _ = await asyncio.gather(
             self._requeue(queued),
