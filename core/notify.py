@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from redis.exceptions import NoScriptError, ResponseError
 
-from core.events import DATA_FIELD, Message, UserEvent, UserEventType
+from core.events import DATA_FIELD, Message, UserEvent, UserEventType, json_bytes
 from core.generations import resource
 from core.keys import Keys
 from core.logging import get_logger
@@ -109,7 +109,7 @@ async def publish_user_event(redis: SharedRedis, keys: Keys, user_id: Any, event
         b"n",
         keys.user_events(user_id).encode(),
         keys.user_channel(user_id).encode(),
-        event.model_dump_json().encode(),
+        json_bytes(event),
     ]
     ids = await _run_outbox(redis, fields, maxlen=0)
     return ids[0]
@@ -220,17 +220,16 @@ class Outbox:
 
     def notify(self, row: asyncpg.Record, event_type: UserEventType) -> None:
         keys, user_id = self.publisher.keys, row["user_id"]
-        payload = notice(row, event_type).model_dump_json()
         self._fields += [
             b"n",
             keys.user_events(user_id).encode(),
             keys.user_channel(user_id).encode(),
-            payload.encode(),
+            json_bytes(notice(row, event_type)),
         ]
         self._notices += 1
 
     def send(self, stream: str, message: Message, *, required: bool = True) -> None:
-        self._fields += [b"m", stream.encode(), message.model_dump_json().encode()]
+        self._fields += [b"m", stream.encode(), json_bytes(message)]
         self._messages += 1
         self._required = self._required or required
 

@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.events import DATA_FIELD, DeadLetter, Message, UserEvent
+from core.events import DATA_FIELD, DeadLetter, Message, UserEvent, json_bytes
 from core.keys import Keys
 from core.logging import get_logger
 from core.metrics import StreamSeries
@@ -67,7 +67,7 @@ Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
 def encode(message: Message) -> Fields:
-    return {DATA_FIELD: message.model_dump_json().encode()}
+    return {DATA_FIELD: json_bytes(message)}
 
 
 class Publisher:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from core.errors import ProviderRejected, ProviderRetryable
-from core.events import GenerationRequested, JobStatus
+from core.events import GenerationRequested, JobStatus, json_bytes
 from core.generations import CreateGeneration, decode_cursor, encode_cursor
 from providers.base import classify
 
@@ -52,6 +52,26 @@ def test_messages_reject_unknown_versions() -> None:
         )
     with pytest.raises(ValidationError):
         JobStatus.model_validate({"generation_id": gid, "attempt": 1, "state": "exploded"})
+
+
+def test_messages_are_written_as_model_dump_json_would() -> None:
+    """``json_bytes`` skips a str round trip, not a byte of the wire format."""
+    gid = uuid.uuid4()
+    messages = [
+        GenerationRequested(generation_id=gid, attempt=2, provider="local"),
+        GenerationRequested(generation_id=gid, attempt=1),  # no provider: null
+        JobStatus(
+            generation_id=gid,
+            attempt=1,
+            state="failed",
+            error_message='le phare « ☃ » \n "quoted"',
+            source="w1",
+        ),
+    ]
+    for message in messages:
+        out = json_bytes(message)
+        assert out == message.model_dump_json().encode()
+        assert type(message).model_validate_json(out) == message
 
 
 @pytest.mark.parametrize(
