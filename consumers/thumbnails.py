@@ -11,6 +11,7 @@ import asyncio
 
 import structlog
 
+from core import lifecycle
 from core.events import ThumbnailRequested
 from core.imaging import ImageRejected, make_thumbnail
 from core.logging import get_logger
@@ -19,6 +20,18 @@ from core.runtime import Runtime
 from core.storage import ObjectNotFound, generation_prefix, thumbnail_key
 
 log = get_logger(__name__)
+
+
+# The thumbnail attached, and with it the generation whole: no check is left, the
+# reconciler has nothing more to ask for.
+_ATTACH = f"""
+    WITH upd AS (
+        UPDATE generations SET thumbnail_key = $3, updated_at = now()
+         WHERE id = $1 AND image_key = $2 AND status = 'completed'
+     RETURNING *
+    ){lifecycle.check_cte(None)}
+    SELECT * FROM upd
+"""
 
 
 class Thumbnailer:
@@ -47,15 +60,7 @@ class Thumbnailer:
         key = thumbnail_key(msg.user_id, msg.generation_id, msg.attempt)
         await rt.storage.put(key, thumb, "image/webp")
         row = await rt.pool.fetchrow(
-            """WITH upd AS (
-                   UPDATE generations SET thumbnail_key = $3, updated_at = now()
-                    WHERE id = $1 AND image_key = $2 AND status = 'completed'
-                RETURNING *
-               ), chk AS (
-                   -- Whole now: the reconciler has nothing left to ask for.
-                   DELETE FROM generation_checks c USING upd WHERE c.generation_id = upd.id
-               )
-               SELECT * FROM upd""",
+            _ATTACH,
             msg.generation_id,
             msg.image_key,
             key,

@@ -68,11 +68,11 @@ _SETTABLE: Mapping[str, str] = {
 }
 
 # A change's field that is not a column: when the reconciler looks at the generation
-# next (``generation_checks.due_at``, a datetime). A change to a live status names one;
-# one that finishes the generation deletes its check unless it names one (a completed
-# generation is looked at again if its thumbnail never comes).
+# next (``generation_checks.due_at``, a datetime; NOT NULL, so None is refused by the
+# database and nothing changes). A change to a live status names one; one that finishes
+# the generation deletes its check unless it names one (a completed generation is
+# looked at again if its thumbnail never comes).
 CHECK = "next_check_at"
-_CHECK_TYPE = "timestamptz"
 
 
 def due_in(delta: timedelta) -> datetime:
@@ -102,37 +102,38 @@ def _sets(to: Status, values: Mapping[str, str], bump_attempt: bool) -> str:
     return ", ".join(sets)
 
 
-def _check_sql(to: Status, due: str | None, source: str) -> str:
-    """The check a transition leaves (a CTE after ``upd``): ``due`` (an expression over
-    ``source``, the moved rows) when the change names one, none when it finishes the
-    generation, else the one it had."""
-    if due is not None:
-        return f""", chk AS (
-            INSERT INTO generation_checks (generation_id, due_at)
-            SELECT upd.id, {due} FROM {source}
-                ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
-        )"""
-    if to in TERMINAL:
+def check_cte(due: str | None, source: str = "upd") -> str:
+    """The CTE (``, chk AS (...)``, after the one named ``upd``) that leaves the moved
+    generations their check: ``due`` (an expression over ``source``, which holds the
+    moved rows' ``id``), or none at all when ``due`` is None. Every statement that moves
+    a generation writes its check this way, so the two never disagree after a crash."""
+    if due is None:
         return """, chk AS (
             DELETE FROM generation_checks c USING upd WHERE c.generation_id = upd.id
         )"""
-    return ""
+    return f""", chk AS (
+        INSERT INTO generation_checks (generation_id, due_at)
+        SELECT id, {due} FROM {source}
+            ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
+    )"""
 
 
-def _split(fields: Mapping[str, Any], dues: Sequence[Any] = ()) -> tuple[tuple[str, ...], bool]:
-    """A change's columns (sorted, checked) and whether it names a check; ``dues`` are
-    the checks it (or each change of a batch) names."""
+def _leaves(to: Status, due: str | None, source: str) -> str:
+    """A transition's check: the one it names, none once finished, else the one it had."""
+    return check_cte(due, source) if due is not None or to in TERMINAL else ""
+
+
+def _split(fields: Mapping[str, Any]) -> tuple[tuple[str, ...], bool]:
+    """A change's columns (sorted, checked) and whether it names a check."""
     unknown = fields.keys() - _SETTABLE.keys() - {CHECK}
     if unknown:
         raise ValueError(f"not settable by a transition: {sorted(unknown)}")
-    if any(due is None for due in dues):
-        raise ValueError("a check is a time; a finished generation's goes by itself")
     return tuple(sorted(fields.keys() - {CHECK})), CHECK in fields
 
 
 def _transition_sql(to: Status, columns: tuple[str, ...], check: bool, bump_attempt: bool) -> str:
     values = {name: f"${i}" for i, name in enumerate(columns, start=6)}
-    due = f"${6 + len(columns)}::{_CHECK_TYPE}" if check else None
+    due = f"${6 + len(columns)}::timestamptz" if check else None
     return f"""
         WITH upd AS (
             UPDATE generations SET {_sets(to, values, bump_attempt)}
@@ -141,7 +142,7 @@ def _transition_sql(to: Status, columns: tuple[str, ...], check: bool, bump_atte
         ), hist AS (
             INSERT INTO generation_events (generation_id, attempt, status, detail)
             SELECT id, attempt, status, $5::jsonb FROM upd
-        ){_check_sql(to, due, "upd")}
+        ){_leaves(to, due, "upd")}
         SELECT * FROM upd
     """
 
@@ -193,7 +194,7 @@ async def _run(
     fields: Mapping[str, Any],
     bump_attempt: bool,
 ) -> asyncpg.Record | None:
-    columns, check = _split(fields, [fields[CHECK]] if CHECK in fields else [])
+    columns, check = _split(fields)
     sql = _transition_sql(to, columns, check, bump_attempt)
     row = await conn.fetchrow(
         sql,
@@ -226,7 +227,7 @@ def _batch_sql(to: Status, columns: tuple[str, ...], check: bool) -> str:
     arrays += [f"${i}::{_SETTABLE[name]}[]" for i, name in enumerate(columns, start=6)]
     names = ["id", "attempt", "detail", *columns]
     if check:
-        arrays.append(f"${6 + len(columns)}::{_CHECK_TYPE}[]")
+        arrays.append(f"${6 + len(columns)}::timestamptz[]")
         names.append("due")
     values = {name: f"i.{name}" for name in columns}
     return f"""
@@ -240,7 +241,7 @@ def _batch_sql(to: Status, columns: tuple[str, ...], check: bool) -> str:
         ), hist AS (
             INSERT INTO generation_events (generation_id, attempt, status, detail)
             SELECT upd.id, upd.attempt, upd.status, i.detail::jsonb FROM upd JOIN i USING (id)
-        ){_check_sql(to, "i.due" if check else None, "upd JOIN i USING (id)")}
+        ){_leaves(to, "i.due" if check else None, "upd JOIN i USING (id)")}
         SELECT * FROM upd
     """
 
@@ -261,7 +262,7 @@ async def transition_many(
     first = changes[0].fields
     if any(c.fields.keys() != first.keys() for c in changes):
         raise ValueError("every change of a batch must set the same columns")
-    columns, check = _split(first, [c.fields[CHECK] for c in changes] if CHECK in first else [])
+    columns, check = _split(first)
     if len({c.generation_id for c in changes}) != len(changes):
         raise ValueError("a batch names a generation twice")
     rows = await conn.fetch(
@@ -286,6 +287,21 @@ def _count_finished(to: Status, rows: Sequence[asyncpg.Record]) -> None:
         metrics.GENERATIONS_FINISHED.labels(to.value, row["provider"]).inc()
 
 
+_PROGRESS = f"""
+    WITH i AS (
+        SELECT * FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::timestamptz[])
+            AS i(id, attempt, progress, due)
+    ), upd AS (
+        UPDATE generations g SET progress = i.progress, updated_at = now()
+          FROM i
+         WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = 'processing'
+           AND (g.progress IS NULL OR g.progress < i.progress)
+     RETURNING g.*
+    ){check_cte("i.due", "upd JOIN i USING (id)")}
+    SELECT * FROM upd
+"""
+
+
 async def record_progress(
     conn: asyncpg.Connection | asyncpg.Pool, changes: Sequence[Change]
 ) -> list[asyncpg.Record]:
@@ -294,21 +310,7 @@ async def record_progress(
     if not changes:
         return []
     return await conn.fetch(
-        """WITH i AS (
-               SELECT * FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::timestamptz[])
-                   AS i(id, attempt, progress, due)
-           ), upd AS (
-               UPDATE generations g SET progress = i.progress, updated_at = now()
-                 FROM i
-                WHERE g.id = i.id AND g.attempt = i.attempt AND g.status = 'processing'
-                  AND (g.progress IS NULL OR g.progress < i.progress)
-            RETURNING g.*
-           ), chk AS (
-               INSERT INTO generation_checks (generation_id, due_at)
-               SELECT upd.id, i.due FROM upd JOIN i USING (id)
-                   ON CONFLICT (generation_id) DO UPDATE SET due_at = EXCLUDED.due_at
-           )
-           SELECT * FROM upd""",
+        _PROGRESS,
         [c.generation_id for c in changes],
         [c.attempt for c in changes],
         [c.fields["progress"] for c in changes],

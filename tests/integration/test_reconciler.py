@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from core import lifecycle
@@ -283,8 +284,14 @@ async def test_a_check_goes_with_each_change_of_a_generation(rt: Runtime, alice:
     # A stale change matches nothing and leaves the check alone.
     assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.FAILED) is None
     assert await check_of(rt, gid) == thumb
-    with pytest.raises(ValueError, match="a check is a time"):
-        await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.FAILED, next_check_at=None)
+    # A check is a time: None is refused by the database, and the transition with it.
+    other = await _generation(rt, alice)
+    due = await check_of(rt, other)
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await lifecycle.transition(
+            rt.pool, other, attempt=1, to=Status.SUBMITTED, next_check_at=None
+        )
+    assert ((await _row(rt, other))["status"], await check_of(rt, other)) == ("queued", due)
 
 
 async def test_a_reschedule_is_fenced_by_attempt_and_status(rt: Runtime, alice: UserAuth) -> None:
