@@ -19,6 +19,7 @@ the first. Other users never wait on that lock.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -163,12 +164,20 @@ _LOCK_CLASS = 0x676C
 # Same literal as the partial index ix_generations_user_active, so the planner uses it.
 _ACTIVE = ", ".join(f"'{s.value}'" for s in sorted(NON_TERMINAL))
 _COUNTS = f"""
-    SELECT (SELECT count(*) FROM generations
-             WHERE user_id = $1 AND status IN ({_ACTIVE})) AS active,
+    SELECT u.id AS user_id,
            (SELECT count(*) FROM generations
-             WHERE user_id = $1 AND created_at >= d.start) AS today,
+             WHERE user_id = u.id AND status IN ({_ACTIVE})) AS active,
+           (SELECT count(*) FROM generations
+             WHERE user_id = u.id AND created_at >= d.start) AS today,
            extract(epoch FROM d.start + interval '1 day' - now())::float8 AS reset_s
-      FROM (SELECT date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start) d
+      FROM unnest($1::uuid[]) AS u(id),
+           (SELECT date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start) d
+"""
+# Each lock once, in one order: two transactions locking overlapping sets of users
+# cannot deadlock. (Postgres calls the lock function on the sorted rows.)
+_LOCK_USERS = """
+    SELECT pg_advisory_xact_lock($1, h)
+      FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) AS u ORDER BY h) AS s
 """
 
 
@@ -188,38 +197,52 @@ class GenerationLimits:
     def enforced(self) -> bool:
         return self.max_active > 0 or self.daily_quota > 0
 
+    def refusal(self, used: Usage, taken: int = 0) -> TooManyRequests | None:
+        """Why one more generation does not fit, or None; ``taken`` counts the ones
+        accepted since ``used`` was read (earlier creates of the same transaction)."""
+        active, today = used.active + taken, used.today + taken
+        if self.max_active and active >= self.max_active:
+            return TooManyRequests(
+                f"at most {self.max_active} generations may be queued or running at once",
+                code="too_many_active",
+                retry_after_s=ACTIVE_RETRY_AFTER_S,
+                details={"limit": self.max_active, "active": active},
+            )
+        if self.daily_quota and today >= self.daily_quota:
+            return TooManyRequests(
+                f"the daily quota of {self.daily_quota} generations is used up",
+                code="daily_quota",
+                retry_after_s=used.reset_s,
+                details={"limit": self.daily_quota, "used": today},
+            )
+        return None
 
-async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
-    """Serialise this user's creates until the transaction ends (commit or rollback)."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, str(user_id))
+
+@dataclass(frozen=True)
+class Usage:
+    """A user's generations active now and created today (UTC); ``reset_s`` until midnight."""
+
+    active: int
+    today: int
+    reset_s: float
 
 
-async def check_generation_limits(
-    conn: asyncpg.Connection, user_id: UUID, limits: GenerationLimits
-) -> None:
-    """Raise unless one more generation fits. Call under ``lock_user``, in the
-    transaction that then inserts it: a READ COMMITTED statement after the lock sees
-    every row committed by the previous holder."""
-    row = await conn.fetchrow(_COUNTS, user_id)
-    assert row is not None
-    if limits.max_active and row["active"] >= limits.max_active:
-        raise TooManyRequests(
-            f"at most {limits.max_active} generations may be queued or running at once",
-            code="too_many_active",
-            retry_after_s=ACTIVE_RETRY_AFTER_S,
-            details={"limit": limits.max_active, "active": row["active"]},
-        )
-    if limits.daily_quota and row["today"] >= limits.daily_quota:
-        raise TooManyRequests(
-            f"the daily quota of {limits.daily_quota} generations is used up",
-            code="daily_quota",
-            retry_after_s=row["reset_s"],
-            details={"limit": limits.daily_quota, "used": row["today"]},
-        )
+async def lock_users(conn: asyncpg.Connection, user_ids: Iterable[UUID]) -> None:
+    """Serialise these users' creates until the transaction ends (commit or rollback)."""
+    await conn.execute(_LOCK_USERS, _LOCK_CLASS, [str(u) for u in user_ids])
+
+
+async def usages(
+    conn: asyncpg.Pool | asyncpg.Connection, user_ids: Sequence[UUID]
+) -> dict[UUID, Usage]:
+    """Each user's ``Usage``, in one statement. For a limit check, call it under
+    ``lock_users`` in the transaction that then inserts: a READ COMMITTED statement after
+    the lock sees every row committed by the previous holder."""
+    rows = await conn.fetch(_COUNTS, list(user_ids))
+    return {r["user_id"]: Usage(r["active"], r["today"], r["reset_s"]) for r in rows}
 
 
 async def usage(conn: asyncpg.Pool | asyncpg.Connection, user_id: UUID) -> dict[str, int]:
     """What ``/auth/me`` shows: generations active now and created today (UTC)."""
-    row = await conn.fetchrow(_COUNTS, user_id)
-    assert row is not None
-    return {"active": row["active"], "today": row["today"]}
+    used = (await usages(conn, [user_id]))[user_id]
+    return {"active": used.active, "today": used.today}

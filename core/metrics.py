@@ -83,6 +83,14 @@ API_PUBLISH_BATCH = Histogram(
     registry=REGISTRY,
 )
 
+API_CREATE_BATCH = Histogram(
+    "gengui_api_create_batch_size",
+    "Creates that shared one Postgres transaction (core.generations.Creator); the count "
+    "is the transactions.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
+
 GENERATION_DURATION = Histogram(
     "gengui_generation_duration_seconds",
     "From submitted to completed, per provider; observed once per completed generation "

@@ -57,6 +57,14 @@ class Settings(BaseSettings):
             "every request). A token revoked elsewhere may work this much longer."
         ),
     )
+    api_create_concurrency: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Create transactions one API process runs at once; the creates that arrive "
+            "meanwhile share the next one (one INSERT for all)."
+        ),
+    )
     db_pool_max: int = Field(10, ge=1, description="asyncpg pool size per process.")
 
     # Streams.

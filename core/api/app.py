@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -11,7 +12,7 @@ from pydantic import BaseModel
 from core.api.auth import setup_accounts
 from core.api.docs import setup_docs
 from core.api.events import setup_events
-from core.api.generations import QueuedAnnouncer, announcer_key
+from core.api.generations import QueuedAnnouncer, announcer_key, creator_key
 from core.api.generations import routes as generation_routes
 from core.api.http import add_request_id_header, json_response, request_middleware, runtime_key
 from core.api.metrics import setup_metrics
@@ -20,6 +21,8 @@ from core.api.webapp import setup_webapp
 from core.api.webhooks import providers_key, webhook_secret_key
 from core.api.webhooks import routes as webhook_routes
 from core.flags import ProviderSelector, selector_key
+from core.generations import Creator
+from core.metrics import API_CREATE_BATCH
 from core.runtime import Runtime, open_runtime
 from core.settings import Settings
 
@@ -94,9 +97,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
 
     async def announcer_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[runtime_key]
-        announcer = QueuedAnnouncer(rt.publisher, rt.settings.keys.requested)
+        s = rt.settings
+        announcer = QueuedAnnouncer(rt.publisher, s.keys.requested)
         app[announcer_key] = announcer
+        creator = Creator(
+            rt.pool,
+            dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
+            deadline=timedelta(seconds=s.generation_deadline_s),
+            concurrency=s.api_create_concurrency,
+            on_created=announcer.announce,
+            observe=API_CREATE_BATCH.observe,
+        )
+        app[creator_key] = creator
         yield
+        await creator.aclose()
         await announcer.aclose()
 
     app.cleanup_ctx.append(announcer_ctx)

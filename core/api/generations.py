@@ -126,6 +126,7 @@ class QueuedAnnouncer:
 
 
 announcer_key = web.AppKey("queued_announcer", QueuedAnnouncer)
+creator_key = web.AppKey("creator", gens.Creator)
 
 
 @routes.post("/api/v1/generations")
@@ -162,31 +163,26 @@ async def create_generation(request: web.Request) -> web.Response:
             "sends the link again)",
             code="email_unverified",
         )
-    rt = request.app[runtime_key]
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):
         raise InvalidInput(
             "Idempotency-Key must be 1..255 printable characters", code="invalid_idempotency_key"
         )
     body = await parse_body(request, gens.CreateGeneration)
-    s = rt.settings
     # In memory, no I/O: GrowthBook being slow or down cannot slow or fail this.
     choice = await request.app[selector_key].choose(principal)
-    row, created = await gens.create(
-        rt.pool,
+    # Batched with the creates in flight; the new row is announced before this returns.
+    row, created = await request.app[creator_key].create(
         principal.user_id,
         body,
         provider=choice.provider,
         flag_rule=choice.rule,
         idempotency_key=key,
-        dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
-        deadline=timedelta(seconds=s.generation_deadline_s),
-        limits=GenerationLimits.for_plan(s, principal.plan),
+        limits=GenerationLimits.for_plan(request.app[runtime_key].settings, principal.plan),
     )
     resource = gens.resource(row)
     headers = {"Location": f"/api/v1/generations/{resource['id']}"}
     if created:
-        await request.app[announcer_key].announce(row)
         log.info(
             "generation.created",
             generation_id=resource["id"],
