@@ -6,10 +6,13 @@ its writer two ``fsync`` calls (the file, then its directory) and a journal comm
 its own. Writers that finish at about the same time can share one instead:
 ``GroupSync.wait`` returns once a ``syncfs`` that *started after the call* has
 completed, and that flushes every file, rename and directory of the filesystem written
-before it. One writer runs the sync; the others that arrive meanwhile wait for the next
-one, which covers all of them. Measured with ``bench/worker_drain.py`` (bench/README.md):
-the worker's CPU per stored image 1.52-1.56 -> 1.35-1.44 ms, the machine's busy share
-75-78 -> 69-70 % (journal commits run in the kernel's threads, not the worker's).
+before it. One sync runs at a time, on a thread; the writers that arrive meanwhile wait
+for the next one, which covers all of them.
+
+The writers are coroutines: a file is written on a thread, which returns at once, and
+its coroutine then awaits the group's sync. Threads never wait for one another (an
+earlier version had each writer's thread block on a condition until its sync was done:
+with 16 jobs in hand, a hundred futex calls per image, ``bench/README.md``).
 
 ``syncfs`` is Linux's; elsewhere ``syncfs_available()`` is False and the store falls back to
 per-file fsyncs. It flushes everything dirty on the filesystem, other processes' writes
@@ -19,10 +22,10 @@ later, at its checkpoint (``GENGUI_STORAGE_SYNC=file`` keeps per-file fsyncs).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +51,7 @@ def syncfs_available() -> bool:
 
 
 class GroupSync:
-    """Durability for the writes of many threads on the filesystem holding ``path``."""
+    """Durability for the writes of many coroutines on the filesystem holding ``path``."""
 
     def __init__(self, path: Path, syncfs: SyncFn | None = None) -> None:
         fn = syncfs or _SYNCFS
@@ -57,57 +60,51 @@ class GroupSync:
         self._syncfs = fn
         self._path = path
         self._fd: int | None = None
-        self._cond = threading.Condition()
-        self._started = 0  # rounds begun; one runs at a time, so they end in order
-        self._finished = 0
         self._running = False
-        self._failures: dict[int, OSError] = {}  # round -> its error (recent ones)
+        self._next: asyncio.Future[None] | None = None  # the round after the running one
         self.rounds = 0  # syncs run, for tests and curiosity
 
-    def wait(self) -> None:
-        """Return once everything this thread wrote before the call is on disk; raise
-        ``OSError`` if the sync that covers it failed."""
-        with self._cond:
-            # A round already running may have begun before our writes: the next one
-            # is the first that surely covers them.
-            target = self._started + 1
-            while self._finished < target:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._run_round()
-            error = self._failures.get(target)
-        if error is not None:
-            raise error
+    async def wait(self) -> None:
+        """Return once everything written before the call is on disk; raise ``OSError``
+        if the sync that covers it failed. A caller that stops waiting (cancelled) does
+        not cancel the sync the others share."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        round_ = self._next
+        if not self._running:
+            self._start()
+        await asyncio.shield(round_)
 
-    def _run_round(self) -> None:
-        """With the condition held: run one sync, releasing the condition meanwhile."""
+    def _start(self) -> None:
+        # The round in flight may have begun before the callers of ``_next`` wrote:
+        # theirs is the next one, begun only now.
+        round_, self._next = self._next, None
+        assert round_ is not None
         self._running = True
-        self._started += 1
-        number = self._started
-        error: OSError | None = None
-        self._cond.release()
-        try:
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDONLY)
-            if self._syncfs(self._fd) != 0:
-                code = ctypes.get_errno()
-                error = OSError(code, f"syncfs: {os.strerror(code)}")
-        except OSError as exc:
-            error = exc
-        finally:
-            self._cond.acquire()
-            self._running = False
-            self._finished = number
-            self.rounds += 1
-            if error is not None:
-                self._failures[number] = error
-                for old in [n for n in self._failures if n < number - 1000]:
-                    del self._failures[old]
-            self._cond.notify_all()
+        sync = asyncio.get_running_loop().run_in_executor(None, self._sync_once)
+        sync.add_done_callback(lambda done: self._finished(round_, done))
+
+    def _sync_once(self) -> None:
+        """On a thread: one ``syncfs`` of the filesystem."""
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        if self._syncfs(self._fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}")
+
+    def _finished(self, round_: asyncio.Future[None], sync: asyncio.Future[None]) -> None:
+        self._running = False
+        self.rounds += 1
+        error = sync.exception() if not sync.cancelled() else OSError("syncfs was cancelled")
+        if not round_.done():
+            if error is None:
+                round_.set_result(None)
+            else:
+                round_.set_exception(error)
+        if self._next is not None:
+            self._start()
 
     def close(self) -> None:
-        with self._cond:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -18,6 +17,8 @@ from core.fsync import GroupSync, syncfs_available
 
 # Local temp files live beside their target so os.replace stays a same-filesystem rename.
 _TMP_PREFIX = ".tmp-"
+# Directories LocalStorage remembers as checked (a generation's adds one); then it forgets.
+_DIRS_REMEMBERED = 4096
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
@@ -139,9 +140,12 @@ class LocalStorage:
 
     def __init__(self, root: Path, *, sync: Literal["group", "file"] = "group") -> None:
         self.root = root.resolve()
+        self._root = str(self.root)
         self._group: GroupSync | None = None
         if sync == "group" and syncfs_available():
             self._group = GroupSync(self.root)
+        # Key prefix -> its real directory, checked to be inside root (``_dir``).
+        self._dirs: dict[str, str] = {}
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -153,50 +157,100 @@ class LocalStorage:
             raise ValueError(f"storage key escapes the storage root: {key!r}")
         return path
 
-    def write(self, key: str, data: bytes) -> None:
-        """``put``, blocking: for a caller already off the event loop (the local worker
-        stores on its engine thread, one thread hop per job instead of two). Returns
-        once the object and its directory entry are on disk."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = self._group
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    def _dir(self, prefix: str) -> str:
+        """The real directory of a key prefix ("a/b"), made if missing; ValueError if
+        it is, through a symlink, outside root. Remembered once made or checked, so a
+        write costs one ``mkdir`` for its generation's new directory and nothing for
+        the ones above it, where a ``realpath`` took an ``lstat`` per component (a
+        symlink put in place of a directory after that is not noticed)."""
+        known = self._dirs.get(prefix)
+        if known is not None:
+            return known
+        head, _, name = prefix.rpartition("/")
+        path = os.path.join(self._dir(head) if head else self._made_root(), name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                # mkstemp creates 0600; objects should read like any other file.
-                os.fchmod(f.fileno(), 0o644)
-                f.write(data)
-                f.flush()
-                if group is None:
+            os.mkdir(path)
+        except FileExistsError:
+            if os.path.islink(path) or not os.path.isdir(path):
+                real = os.path.realpath(path)
+                if not os.path.isdir(real) or os.path.commonpath([real, self._root]) != self._root:
+                    raise ValueError(f"storage key escapes the storage root: {prefix!r}") from None
+                path = real
+        if len(self._dirs) >= _DIRS_REMEMBERED:
+            self._dirs.clear()
+        self._dirs[prefix] = path
+        return path
+
+    def _made_root(self) -> str:
+        if "" not in self._dirs:
+            os.makedirs(self._root, exist_ok=True)
+            self._dirs[""] = self._root
+        return self._root
+
+    def write_file(self, key: str, data: bytes) -> str:
+        """Blocking: write the object's file (a temp file renamed over the key) and return
+        its path. With group sync it is not durable until ``durable(path)`` returns;
+        otherwise the file and its directory are fsynced here. For a caller already off
+        the event loop (the local worker stores on its engine thread)."""
+        validate_key(key)
+        prefix, _, name = key.rpartition("/")
+        if name.startswith(_TMP_PREFIX):
+            raise ValueError(f"storage key collides with temp file names: {key!r}")
+        try:
+            return self._write(prefix, name, data)
+        except FileNotFoundError:
+            self._dirs.clear()  # a remembered directory was removed meanwhile
+            return self._write(prefix, name, data)
+
+    def _write(self, prefix: str, name: str, data: bytes) -> str:
+        directory = self._dir(prefix) if prefix else self._made_root()
+        path = os.path.join(directory, name)
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+        # 0644 less the umask: objects read like any other file the process makes.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self._group is None:
                     # Without fsync a crash after the rename can leave an empty file.
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        if group is not None:
-            # The data, the rename and any new directory, with the other writers'. Until
-            # it returns nobody is told of the object, so a crash before it loses only
-            # an object no report names (swept when its generation completes).
+        if self._group is None:
+            # Persist the rename itself (the directory entry).
+            dir_fd = os.open(directory, os.O_RDONLY)
             try:
-                group.wait()
-            except OSError:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # not durable: not kept either
-                raise
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return path
+
+    async def durable(self, path: str) -> None:
+        """Return once the file ``write_file`` returned, its rename and any new directory
+        are on disk (with group sync, together with the other writers'). Until then
+        nobody is told of the object, so a crash before it loses only an object no
+        report names (swept when its generation completes). If the sync fails the file
+        is deleted (not durable: not kept) and the error raised."""
+        if self._group is None:
             return
-        # Persist the rename itself (the directory entry).
-        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            await self._group.wait()
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         # content_type is not stored: the API derives it from the key's extension.
-        # One hop for the whole put: resolving the path also touches the filesystem.
-        await asyncio.to_thread(self.write, key, data)
+        # One hop for the whole write: resolving the path also touches the filesystem.
+        await self.durable(await asyncio.to_thread(self.write_file, key, data))
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)

@@ -10,7 +10,9 @@ a slow job from a dead worker or a lost report. On stop it finishes the job in h
 entries it had not started stay pending and are reclaimed.
 
 It runs ``GENGUI_WORKER_CONCURRENCY`` jobs at once, each on a thread of its own that
-renders, checks and stores the image: one thread hop per job. Reports go through one
+renders, checks and stores the image: one thread hop per job. On the local store the
+thread only writes the file; the job's coroutine then awaits one ``syncfs`` shared with
+the other jobs' files (``core.fsync``), so no thread waits on the disk. Reports go through one
 ordered sender, so the reports of all the jobs in hand share round trips (a few per
 batch of jobs, not two per job) and a job's ``processing`` (or ``progress``) is on the
 stream before its ``completed``. The job does not wait for its ``processing`` to be sent:
@@ -59,8 +61,9 @@ class Worker:
         self.processing_after_s = rt.settings.worker_processing_after_s
         # All jobs' reports share round trips, in order: processing before completed.
         self._reports = OutboxQueue(rt.publisher)
-        # One thread per job in hand: each spends part of its time waiting on fsync, so
-        # the loop's default pool (cpu + 4 threads) would cap a larger concurrency.
+        # One thread per job in hand: an engine holds its thread for the whole render
+        # (and with GENGUI_STORAGE_SYNC=file for the fsyncs), so the loop's default pool
+        # (cpu + 4 threads) would cap a larger concurrency.
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
 
     def _status(self, job: LocalJob, **fields: Any) -> JobStatus:
@@ -85,8 +88,9 @@ class Worker:
         self, job: LocalJob, progress: ProgressFn, loop: asyncio.AbstractEventLoop
     ) -> dict[str, Any]:
         """On an engine thread: render, check and store the image; returns the fields of
-        the final report. An engine's error is reported (failed); a storage error is
-        raised, as from ``Storage.put``: nothing is reported and the job is not acked."""
+        the final report, and for a local file its ``path``, not durable yet. An engine's
+        error is reported (failed); a storage error is raised, as from ``Storage.put``:
+        nothing is reported and the job is not acked."""
         try:
             data = self.engine.generate(job, progress)
             ext, content_type = sniff_image(data)
@@ -102,12 +106,14 @@ class Worker:
             }
         key = original_key(job.user_id, job.generation_id, job.attempt, ext)
         storage = self.rt.storage
+        outcome: dict[str, Any] = {"state": "completed", "image_key": key}
         if isinstance(storage, LocalStorage):
-            storage.write(key, data)
+            # Made durable on the loop, with the other jobs' files (``_run``).
+            outcome["path"] = storage.write_file(key, data)
         else:
             asyncio.run_coroutine_threadsafe(storage.put(key, data, content_type), loop).result()
         log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
-        return {"state": "completed", "image_key": key, "content_type": content_type}
+        return {**outcome, "content_type": content_type}
 
     async def handle(self, job: LocalJob) -> None:
         structlog.contextvars.bind_contextvars(
@@ -156,6 +162,11 @@ class Worker:
         finally:
             if timer is not None:
                 timer.cancel()
+        path = outcome.pop("path", None)
+        if path is not None:
+            storage = self.rt.storage
+            assert isinstance(storage, LocalStorage)
+            await storage.durable(path)
         await self._report(job, **outcome)
 
     async def consume(self, consumer: StreamConsumer[LocalJob], stop: asyncio.Event) -> None:

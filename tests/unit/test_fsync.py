@@ -1,12 +1,14 @@
 """core.fsync.GroupSync: many writers, one syncfs; each covered by a sync that began
-after it asked; a failed sync fails its writers."""
+after it asked; a failed sync fails its writers; a writer that stops waiting does not
+stop the sync of the others. And the local store's own use of it."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import itertools
-import threading
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 
 from core.fsync import GroupSync, syncfs_available
 from core.storage import LocalStorage
+
+KEY = "users/u/generations/g/1-original.png"
 
 
 class FakeSyncfs:
@@ -27,7 +31,7 @@ class FakeSyncfs:
 
     def __call__(self, fd: int) -> int:
         start = next(self.clock)
-        time.sleep(self.seconds)  # a slow disk
+        time.sleep(self.seconds)  # a slow disk, on the sync's thread
         self.rounds.append((start, next(self.clock)))
         if self.fail:
             ctypes.set_errno(errno.EIO)
@@ -35,50 +39,115 @@ class FakeSyncfs:
         return 0
 
 
-def test_every_writer_is_covered_by_a_sync_that_began_after_it_asked(tmp_path: Path) -> None:
-    fake = FakeSyncfs(seconds=0.05)
+async def test_every_writer_is_covered_by_a_sync_that_began_after_it_asked(
+    tmp_path: Path,
+) -> None:
+    fake = FakeSyncfs(seconds=0.02)
     group = GroupSync(tmp_path, syncfs=fake)
-    start = threading.Barrier(16)
     asked_returned: list[tuple[int, int]] = []
 
-    def writer() -> None:
-        start.wait()
+    async def writer(delay: float) -> None:
+        await asyncio.sleep(delay)  # arriving while a sync runs, or between two
         asked = next(fake.clock)
-        group.wait()
+        await group.wait()
         asked_returned.append((asked, next(fake.clock)))
 
-    threads = [threading.Thread(target=writer) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(asked_returned) == 16
+    await asyncio.gather(*(writer(0.003 * (i % 12)) for i in range(48)))
+    assert len(asked_returned) == 48
     for asked, returned in asked_returned:
         assert any(asked < begun and ended < returned for begun, ended in fake.rounds)
-    # Sixteen writers at once share the syncs: one runs, the rest wait for the next.
-    assert group.rounds == len(fake.rounds) < 16
+    # Writers arriving together share the syncs: one runs, the rest wait for the next.
+    assert group.rounds == len(fake.rounds) < 12
+    # One at a time: each sync began after the previous one ended.
+    for (_, ended), (begun, _) in itertools.pairwise(fake.rounds):
+        assert ended < begun
 
 
-def test_a_failed_sync_fails_the_writers_it_covers(tmp_path: Path) -> None:
-    group = GroupSync(tmp_path, syncfs=FakeSyncfs(fail=True))
-    with pytest.raises(OSError, match="syncfs") as raised:
-        group.wait()
-    assert raised.value.errno == errno.EIO
+async def test_a_failed_sync_fails_the_writers_it_covers(tmp_path: Path) -> None:
+    fake = FakeSyncfs(fail=True)
+    group = GroupSync(tmp_path, syncfs=fake)
+    results = await asyncio.gather(group.wait(), group.wait(), return_exceptions=True)
+    for raised in results:
+        assert isinstance(raised, OSError) and raised.errno == errno.EIO
+    fake.fail = False
+    await group.wait()  # the next sync is a new one
 
 
-def test_an_object_whose_sync_failed_is_not_kept(tmp_path: Path) -> None:
+async def test_a_writer_that_stops_waiting_does_not_cancel_the_shared_sync(
+    tmp_path: Path,
+) -> None:
+    fake = FakeSyncfs(seconds=0.05)
+    group = GroupSync(tmp_path, syncfs=fake)
+    first = asyncio.create_task(group.wait())
+    await asyncio.sleep(0.01)  # its sync runs: the next two share the one after it
+    leaving = asyncio.create_task(group.wait())
+    staying = asyncio.create_task(group.wait())
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.gather(first, staying)  # still covered by the round the other one left
+    assert leaving.cancelled() and group.rounds == len(fake.rounds) == 2
+
+
+async def test_an_object_whose_sync_failed_is_not_kept(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path, sync="file")
     store._group = GroupSync(tmp_path, syncfs=FakeSyncfs(fail=True))
     with pytest.raises(OSError, match="syncfs"):
-        store.write("users/u/generations/g/1/original.png", b"png")
-    assert not (tmp_path / "users/u/generations/g/1/original.png").exists()
-    assert list((tmp_path / "users/u/generations/g/1").iterdir()) == []  # no temp file either
+        await store.put(KEY, b"png", "image/png")
+    assert not (tmp_path / KEY).exists()
+    assert list((tmp_path / KEY).parent.iterdir()) == []  # no temp file either
+
+
+async def test_write_file_is_durable_only_once_awaited(tmp_path: Path) -> None:
+    fake = FakeSyncfs()
+    store = LocalStorage(tmp_path, sync="file")
+    store._group = GroupSync(tmp_path, syncfs=fake)
+    path = await asyncio.to_thread(store.write_file, KEY, b"png")
+    assert Path(path) == tmp_path / KEY
+    assert await asyncio.to_thread(Path(path).read_bytes) == b"png"
+    assert fake.rounds == []  # written, not synced: nobody may be told of it yet
+    await store.durable(path)
+    assert len(fake.rounds) == 1
+
+
+def test_written_files_read_like_any_other_file(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path, sync="file")
+    path = store.write_file(KEY, b"x" * 100_000)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644 & ~umask
+    assert Path(path).read_bytes() == b"x" * 100_000
+
+
+def test_a_directory_removed_after_it_was_remembered_is_made_again(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path, sync="file")
+    store.write_file(KEY, b"one")
+    (tmp_path / KEY).unlink()
+    (tmp_path / KEY).parent.rmdir()
+    store.write_file(KEY, b"two")
+    assert (tmp_path / KEY).read_bytes() == b"two"
+
+
+def test_a_symlink_in_place_of_a_directory_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "users" / "u").mkdir(parents=True)
+    outside.mkdir()
+    (root / "users" / "u" / "generations").symlink_to(outside, target_is_directory=True)
+    store = LocalStorage(root, sync="file")
+    with pytest.raises(ValueError, match="escapes the storage root"):
+        store.write_file(KEY, b"x")
+    assert list(outside.iterdir()) == []
+    # A link that stays inside the root is followed, as resolve() did.
+    (root / "users" / "v").symlink_to(root / "users" / "u", target_is_directory=True)
+    (root / "users" / "u" / "generations").unlink()
+    path = store.write_file("users/v/generations/g/1-original.png", b"y")
+    assert Path(path) == root / "users/u/generations/g/1-original.png"
 
 
 @pytest.mark.skipif(not syncfs_available(), reason="syncfs is Linux's")
-def test_the_real_syncfs_runs(tmp_path: Path) -> None:
+async def test_the_real_syncfs_runs(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path)
     assert store._group is not None
-    store.write("users/u/generations/g/1/original.png", b"png")
-    assert (tmp_path / "users/u/generations/g/1/original.png").read_bytes() == b"png"
+    await store.put(KEY, b"png", "image/png")
+    assert (tmp_path / KEY).read_bytes() == b"png"
     assert store._group.rounds == 1
+    await store.close()
