@@ -280,38 +280,20 @@ class Creator:
         if self._observe is not None:
             self._observe(len(batch))
         outcomes: dict[_Create, Outcome] = {}
-        leaders: dict[Key, _Create] = {}  # the create of a key that goes to the INSERT
         followers: list[tuple[_Create, _Create]] = []  # (create, leader with its key)
-        accepted: list[_Create] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            limited = [c for c in batch if c.limited]
-            used: dict[UUID, Usage] = {}
-            existing: dict[Key, asyncpg.Record] = {}
-            if limited:
+        limited = [c for c in batch if c.limited]
+        if not limited:
+            # One statement is atomic by itself: no BEGIN and COMMIT round trips.
+            accepted = _sort(batch, {}, {}, outcomes, followers)
+            rows = await self._insert(self._pool, accepted) if accepted else []
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
                 users = list({c.user_id for c in limited})
                 await lock_users(conn, users)
                 used = await usages(conn, users)
                 existing = await _by_keys(conn, [k for c in limited if (k := c.idempotency)])
-            taken: Counter[UUID] = Counter()
-            for c in batch:
-                key = c.idempotency
-                if key is not None and key in leaders:
-                    followers.append((c, leaders[key]))
-                    continue
-                if c.limited:
-                    assert c.limits is not None
-                    if key is not None and key in existing:
-                        outcomes[c] = _replay(existing[key], c.request_hash)
-                        continue
-                    refusal = c.limits.refusal(used[c.user_id], taken[c.user_id])
-                    if refusal is not None:
-                        outcomes[c] = refusal
-                        continue
-                taken[c.user_id] += 1
-                if key is not None:
-                    leaders[key] = c
-                accepted.append(c)
-            rows = await self._insert(conn, accepted) if accepted else []
+                accepted = _sort(batch, used, existing, outcomes, followers)
+                rows = await self._insert(conn, accepted) if accepted else []
         inserted = {r["id"]: r for r in rows}
         # A key another transaction inserted first: that one is the original.
         lost = [k for c in accepted if c.id not in inserted and (k := c.idempotency)]
@@ -333,7 +315,9 @@ class Creator:
             outcomes[c] = _replay(first[0], c.request_hash) if isinstance(first, tuple) else first
         return outcomes
 
-    async def _insert(self, conn: asyncpg.Connection, batch: list[_Create]) -> list[asyncpg.Record]:
+    async def _insert(
+        self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[_Create]
+    ) -> list[asyncpg.Record]:
         return await conn.fetch(
             _INSERT,
             [c.id for c in batch],
@@ -350,6 +334,40 @@ class Creator:
             self._grace,
             self._deadline,
         )
+
+
+def _sort(
+    batch: list[_Create],
+    used: dict[UUID, Usage],
+    existing: dict[Key, asyncpg.Record],
+    outcomes: dict[_Create, Outcome],
+    followers: list[tuple[_Create, _Create]],
+) -> list[_Create]:
+    """The creates of ``batch`` that go to the INSERT, in order. The others get their
+    outcome (a replay of ``existing``, a limit's refusal), or, for a key an earlier
+    create of the batch has, a place in ``followers`` beside that create."""
+    leaders: dict[Key, _Create] = {}  # the create of a key that goes to the INSERT
+    accepted: list[_Create] = []
+    taken: Counter[UUID] = Counter()
+    for c in batch:
+        key = c.idempotency
+        if key is not None and key in leaders:
+            followers.append((c, leaders[key]))
+            continue
+        if c.limited:
+            assert c.limits is not None
+            if key is not None and key in existing:
+                outcomes[c] = _replay(existing[key], c.request_hash)
+                continue
+            refusal = c.limits.refusal(used[c.user_id], taken[c.user_id])
+            if refusal is not None:
+                outcomes[c] = refusal
+                continue
+        taken[c.user_id] += 1
+        if key is not None:
+            leaders[key] = c
+        accepted.append(c)
+    return accepted
 
 
 async def _by_keys(
