@@ -132,9 +132,9 @@ class _Create:
     key: str | None
     limits: GenerationLimits | None
     done: asyncio.Future[Created]
-    id: UUID = field(default_factory=uuid4)
-    seed: int = 0
-    request_hash: str = ""
+    id: UUID = field(default_factory=uuid4)  # ours: the INSERT's rows come back by id
+    seed: int = field(init=False)
+    request_hash: str = field(init=False)
 
     def __post_init__(self) -> None:
         body = self.body

@@ -173,13 +173,17 @@ class LocalStorage:
         except FileExistsError:
             if os.path.islink(path) or not os.path.isdir(path):
                 real = os.path.realpath(path)
-                if not os.path.isdir(real) or os.path.commonpath([real, self._root]) != self._root:
+                if not os.path.isdir(real) or not self._inside(real):
                     raise ValueError(f"storage key escapes the storage root: {prefix!r}") from None
                 path = real
         if len(self._dirs) >= _DIRS_REMEMBERED:
             self._dirs.clear()
         self._dirs[prefix] = path
         return path
+
+    def _inside(self, real: str) -> bool:
+        """Whether a resolved path is the root or below it."""
+        return os.path.commonpath([real, self._root]) == self._root
 
     def _made_root(self) -> str:
         if "" not in self._dirs:
@@ -196,18 +200,21 @@ class LocalStorage:
         prefix, _, name = key.rpartition("/")
         if name.startswith(_TMP_PREFIX):
             raise ValueError(f"storage key collides with temp file names: {key!r}")
-        try:
-            return self._write(prefix, name, data)
-        except FileNotFoundError:
-            self._dirs.clear()  # a remembered directory was removed meanwhile
-            return self._write(prefix, name, data)
-
-    def _write(self, prefix: str, name: str, data: bytes) -> str:
-        directory = self._dir(prefix) if prefix else self._made_root()
+        for retry in (False, True):
+            directory = self._dir(prefix) if prefix else self._made_root()
+            tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+            try:
+                fd = _create(tmp)
+                break
+            except FileNotFoundError:
+                # A remembered directory was removed meanwhile: make it again, once.
+                # Only here: a temp file gone before its rename was cleared by the
+                # generation's winning report (``discard_partials``); that writer is
+                # stale, and its rename fails.
+                if retry:
+                    raise
+                self._dirs.clear()
         path = os.path.join(directory, name)
-        tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-        # 0644 less the umask: objects read like any other file the process makes.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             try:
                 view = memoryview(data)
@@ -296,13 +303,12 @@ class LocalStorage:
 
     async def discard_partials(self, *prefixes: str) -> int:
         # Plain strings, not Paths: a batch names hundreds of prefixes.
-        root = str(self.root)
-        bases = [os.path.join(root, _validate_prefix(p).rpartition("/")[0]) for p in prefixes]
+        bases = [os.path.join(self._root, _validate_prefix(p).rpartition("/")[0]) for p in prefixes]
 
         def remove() -> int:
             removed = 0
             for base in bases:
-                if os.path.commonpath([os.path.realpath(base), root]) != root:
+                if not self._inside(os.path.realpath(base)):
                     continue  # a symlink out of the root
                 for dirpath, _dirs, files in os.walk(base):
                     for name in files:
@@ -325,6 +331,11 @@ class LocalStorage:
     async def close(self) -> None:
         if self._group is not None:
             self._group.close()
+
+
+def _create(path: str) -> int:
+    """A new file for writing, 0644 less the umask: objects read like any other file."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
 
 def _error_code(exc: ClientError) -> str:

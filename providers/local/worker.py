@@ -106,14 +106,18 @@ class Worker:
             }
         key = original_key(job.user_id, job.generation_id, job.attempt, ext)
         storage = self.rt.storage
-        outcome: dict[str, Any] = {"state": "completed", "image_key": key}
+        report: dict[str, Any] = {
+            "state": "completed",
+            "image_key": key,
+            "content_type": content_type,
+        }
         if isinstance(storage, LocalStorage):
             # Made durable on the loop, with the other jobs' files (``_run``).
-            outcome["path"] = storage.write_file(key, data)
+            report["path"] = storage.write_file(key, data)
         else:
             asyncio.run_coroutine_threadsafe(storage.put(key, data, content_type), loop).result()
         log.info("worker.job_done", engine=self.engine.name, bytes=len(data))
-        return {**outcome, "content_type": content_type}
+        return report
 
     async def handle(self, job: LocalJob) -> None:
         structlog.contextvars.bind_contextvars(

@@ -151,3 +151,26 @@ async def test_the_real_syncfs_runs(tmp_path: Path) -> None:
     assert (tmp_path / KEY).read_bytes() == b"png"
     assert store._group.rounds == 1
     await store.close()
+
+
+def test_a_stale_writer_whose_temp_file_was_cleared_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The winning report of a generation deletes its partial files (discard_partials);
+    a writer of an older attempt still renaming then fails, and is not retried."""
+    store = LocalStorage(tmp_path, sync="file")
+    store.write_file(KEY, b"winner")
+    real_replace = os.replace
+    cleared: list[str] = []
+
+    def cleared_first(src: str, dst: str) -> None:
+        if not cleared:  # once: a second try would find nothing in its way
+            cleared.append(src)
+            os.unlink(src)  # what discard_partials does to a stale writer's temp file
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cleared_first)
+    with pytest.raises(FileNotFoundError):
+        store.write_file("users/u/generations/g/2-original.png", b"stale")
+    assert cleared  # the rename was reached, and failed
+    assert sorted(p.name for p in (tmp_path / KEY).parent.iterdir()) == ["1-original.png"]
