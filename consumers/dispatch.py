@@ -1,5 +1,10 @@
 """Dispatch: ``generation:requested`` -> the generation's provider.
 
+New generations for queue providers skip this: the API writes them ``submitted`` and
+sends their jobs itself (``Settings.api_dispatch``, ``core.api.generations.Announcer``).
+What comes here is the rest: remote providers' creates, retries, the reconciler's
+requeues, and every create when ``api_dispatch`` is off.
+
 The attempt is claimed (queued -> submitted, CAS) before the provider is called, so a
 redelivered request for the same attempt is a no-op. A crash between the claim and
 the provider call leaves a submitted row with no job: the reconciler retries it when

@@ -7,7 +7,7 @@ import base64
 import hashlib
 import secrets
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,15 +89,16 @@ _INSERT = """
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                              $6::int[], $7::int[], $8::bigint[], $9::text[], $10::text[],
-                             $11::text[]) WITH ORDINALITY
+                             $11::text[], $12::text[], $13::interval[]) WITH ORDINALITY
                    AS v(id, user_id, provider, prompt, negative_prompt, width, height, seed,
-                        idempotency_key, request_hash, flag_rule, n)
+                        idempotency_key, request_hash, flag_rule, status, check_in, n)
     ), ins AS (
         INSERT INTO generations (id, user_id, status, attempt, provider, prompt, negative_prompt,
                                  width, height, seed, idempotency_key, request_hash,
-                                 deadline_at, flag_rule)
-        SELECT id, user_id, 'queued', 1, provider, prompt, negative_prompt, width, height, seed,
-               idempotency_key, request_hash, now() + $13::interval, flag_rule
+                                 deadline_at, flag_rule, submitted_at)
+        SELECT id, user_id, status, 1, provider, prompt, negative_prompt, width, height, seed,
+               idempotency_key, request_hash, now() + $14::interval, flag_rule,
+               CASE WHEN status = 'submitted' THEN now() END
           FROM v ORDER BY n
         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING *
@@ -105,9 +106,10 @@ _INSERT = """
         INSERT INTO generation_events (generation_id, attempt, status)
         SELECT id, attempt, status FROM ins
     ), chk AS (
-        -- Looked at after the grace period: published again if its request was lost.
+        -- A queued row is published again after the grace period if its request was
+        -- lost; a submitted one is looked at after its provider's check interval.
         INSERT INTO generation_checks (generation_id, due_at)
-        SELECT id, now() + $12::interval FROM ins
+        SELECT ins.id, now() + v.check_in FROM ins JOIN v ON v.id = ins.id
     )
     SELECT * FROM ins
 """
@@ -154,7 +156,7 @@ Outcome = Created | Exception
 
 
 class Creator:
-    """Inserts queued generations; the creates of one loop turn, or of the time the
+    """Inserts new generations; the creates of one loop turn, or of the time the
     transactions in flight take, share one transaction and one ``INSERT``.
 
     Under load a Postgres round trip and commit are paid per batch, not per request
@@ -172,9 +174,11 @@ class Creator:
       never refused and never counted twice.
 
     A constraint or data error of the batch's statement is retried one create per
-    transaction, so it fails only the create that caused it. ``on_created`` (the
-    queued notice and dispatch request) is awaited for every new row once committed,
-    before the creates are answered, even for a caller that stopped waiting.
+    transaction, so it fails only the create that caused it. A create for one of the
+    ``direct`` providers (queue providers, their check interval each) is written
+    ``submitted``, the others ``queued``. ``on_created`` (the row's notice and its job
+    or dispatch request) is awaited for every new row once committed, before the
+    creates are answered, even for a caller that stopped waiting.
     """
 
     def __init__(
@@ -185,12 +189,14 @@ class Creator:
         deadline: timedelta,
         concurrency: int = 2,
         max_batch: int = 256,
+        direct: Mapping[str, timedelta] | None = None,
         on_created: Callable[[asyncpg.Record], Awaitable[None]] | None = None,
         observe: Callable[[int], None] | None = None,
     ) -> None:
         self._pool = pool
         self._grace, self._deadline = dispatch_grace, deadline
         self._concurrency, self._max_batch = concurrency, max_batch
+        self._direct = dict(direct or {})
         self._on_created, self._observe = on_created, observe
         self._pending: list[_Create] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,7 +212,7 @@ class Creator:
         flag_rule: str | None = None,
         limits: GenerationLimits | None = None,
     ) -> Created:
-        """Insert one queued generation; ``flag_rule`` says why ``provider`` was chosen
+        """Insert one generation; ``flag_rule`` says why ``provider`` was chosen
         (``core.flags.Choice``). Raises the create's own 409 or 429."""
         done: asyncio.Future[Created] = asyncio.get_running_loop().create_future()
         self._pending.append(
@@ -318,6 +324,12 @@ class Creator:
     async def _insert(
         self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[_Create]
     ) -> list[asyncpg.Record]:
+        statuses: list[str] = []
+        checks: list[timedelta] = []
+        for c in batch:
+            check = self._direct.get(c.provider)
+            statuses.append(Status.QUEUED if check is None else Status.SUBMITTED)
+            checks.append(self._grace if check is None else check)
         return await conn.fetch(
             _INSERT,
             [c.id for c in batch],
@@ -331,7 +343,8 @@ class Creator:
             [c.key for c in batch],
             [c.request_hash for c in batch],
             [c.flag_rule for c in batch],
-            self._grace,
+            statuses,
+            checks,
             self._deadline,
         )
 

@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     generation_deadline_s: int = Field(
         600, ge=1, description="A generation not done by then fails."
     )
+    api_dispatch: bool = Field(
+        True,
+        description=(
+            "The API hands a queue provider's new job (local workers, hosted runners) to "
+            "its queue itself: the create is written submitted and its job sent with its "
+            "notice, with no trip through the dispatchers. Off: every create is written "
+            "queued and dispatched by `gengui consumers`."
+        ),
+    )
     dispatch_grace_s: float = Field(30.0, gt=0, description="Queued this long: publish again.")
     local_check_s: float = Field(
         120.0, gt=0, description="A local job silent this long (no status, progress) is retried."

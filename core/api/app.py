@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from core.api.auth import setup_accounts
 from core.api.docs import setup_docs
 from core.api.events import setup_events
-from core.api.generations import QueuedAnnouncer, announcer_key, creator_key
+from core.api.generations import Announcer, announcer_key, creator_key
 from core.api.generations import routes as generation_routes
 from core.api.http import add_request_id_header, json_response, request_middleware, runtime_key
 from core.api.metrics import setup_metrics
@@ -25,6 +25,7 @@ from core.generations import Creator
 from core.metrics import API_CREATE_BATCH
 from core.runtime import Runtime, open_runtime
 from core.settings import Settings
+from providers.registry import QueueProvider, check_after
 
 health_routes = web.RouteTableDef()
 
@@ -95,27 +96,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
 
     app.cleanup_ctx.append(runtime_ctx)
 
-    async def announcer_ctx(app: web.Application) -> AsyncIterator[None]:
-        rt = app[runtime_key]
-        s = rt.settings
-        announcer = QueuedAnnouncer(rt.publisher, s.keys.requested)
-        app[announcer_key] = announcer
-        creator = Creator(
-            rt.pool,
-            dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
-            deadline=timedelta(seconds=s.generation_deadline_s),
-            concurrency=s.api_create_concurrency,
-            on_created=announcer.announce,
-            observe=API_CREATE_BATCH.observe,
-        )
-        app[creator_key] = creator
-        yield
-        await creator.aclose()
-        await announcer.aclose()
-
-    app.cleanup_ctx.append(announcer_ctx)
-    setup_accounts(app, settings)  # needs the runtime: after runtime_ctx
-
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         # Webhooks parse and verify with the providers' own code; cancels are queued.
         from core.webhooks import webhook_secret
@@ -128,6 +108,38 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
             yield
 
     app.cleanup_ctx.append(providers_ctx)
+
+    async def announcer_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt = app[runtime_key]
+        s = rt.settings
+        # Queue providers' jobs go out from here (Settings.api_dispatch).
+        queues = (
+            {
+                name: p
+                for name, p in app[providers_key].dispatch.items()
+                if isinstance(p, QueueProvider)
+            }
+            if s.api_dispatch
+            else {}
+        )
+        announcer = Announcer(rt.publisher, s.keys.requested, queues)
+        app[announcer_key] = announcer
+        creator = Creator(
+            rt.pool,
+            dispatch_grace=timedelta(seconds=s.dispatch_grace_s),
+            deadline=timedelta(seconds=s.generation_deadline_s),
+            concurrency=s.api_create_concurrency,
+            direct={name: check_after(s, name) for name in queues},
+            on_created=announcer.announce,
+            observe=API_CREATE_BATCH.observe,
+        )
+        app[creator_key] = creator
+        yield
+        await creator.aclose()
+        await announcer.aclose()
+
+    app.cleanup_ctx.append(announcer_ctx)
+    setup_accounts(app, settings)  # needs the runtime: after runtime_ctx
 
     async def flags_ctx(app: web.Application) -> AsyncIterator[None]:
         # One selector per process: features refresh in the background, requests

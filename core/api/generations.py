@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -24,6 +25,8 @@ from core.metrics import API_PUBLISH_BATCH
 from core.notify import Outbox, OutboxQueue, notify
 from core.storage import ObjectNotFound, clear_generation
 from core.streams import Publisher
+from providers.base import Job
+from providers.registry import QueueProvider
 
 log = get_logger("gengui.api")
 routes = web.RouteTableDef()
@@ -88,32 +91,51 @@ REDIRECT = Returns(
 )
 
 
-class QueuedAnnouncer:
-    """Sends each new attempt's ``generation.queued`` notice, then its dispatch request.
+class Announcer:
+    """Sends each new attempt's notice, then its job or its dispatch request.
 
-    The creates of one loop turn (or of the time a send is in flight) share one script
-    call (``core.notify.OutboxQueue``): under load the Redis call, which costs the API
-    more CPU than its INSERT, is paid per batch instead of per request. Each notice goes
-    before its own request, so the dispatcher's ``generation.submitted`` cannot
-    overtake it.
+    A row the create wrote ``submitted`` (a queue provider's, ``Settings.api_dispatch``)
+    gets ``generation.submitted`` and its job on the provider's queue, as the dispatcher
+    would have sent them; a ``queued`` row gets ``generation.queued`` and a
+    ``generation:requested`` for the dispatchers. The creates of one loop turn (or of
+    the time a send is in flight) share one script call (``core.notify.OutboxQueue``):
+    under load the Redis call, which costs the API more CPU than its INSERT, is paid per
+    batch instead of per request. Each notice goes before its own job or request, so the
+    next stage's notice cannot overtake it.
 
     The rows are committed either way: a failure is logged, never raised. A client that
     missed the notice reads the resource; a lost request is published again by the
-    reconciler after the dispatch grace period.
+    reconciler after the dispatch grace period, a lost job retried after its provider's
+    check interval (as after a dispatcher's crash between its claim and its send).
     """
 
-    def __init__(self, publisher: Publisher, stream: str) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        stream: str,
+        queues: Mapping[str, QueueProvider] | None = None,
+    ) -> None:
         self._stream = stream
+        self._queues = dict(queues or {})
         self._queue = OutboxQueue(publisher, observe=API_PUBLISH_BATCH.observe)
 
     async def announce(self, row: asyncpg.Record) -> None:
-        request = GenerationRequested(
-            generation_id=row["id"], attempt=row["attempt"], provider=row["provider"]
-        )
+        queue = self._queues.get(row["provider"]) if row["status"] == Status.SUBMITTED else None
+        if queue is not None:
+            job = queue.message(Job.from_row(row))
 
-        def fill(outbox: Outbox) -> None:
-            outbox.notify(row, "generation.queued")
-            outbox.send(self._stream, request)
+            def fill(outbox: Outbox) -> None:
+                outbox.notify(row, "generation.submitted")
+                outbox.send(queue.stream, job)
+
+        else:
+            request = GenerationRequested(
+                generation_id=row["id"], attempt=row["attempt"], provider=row["provider"]
+            )
+
+            def fill(outbox: Outbox) -> None:
+                outbox.notify(row, "generation.queued")
+                outbox.send(self._stream, request)
 
         try:
             await self._queue.add(fill)
@@ -125,7 +147,7 @@ class QueuedAnnouncer:
         await self._queue.aclose()
 
 
-announcer_key = web.AppKey("queued_announcer", QueuedAnnouncer)
+announcer_key = web.AppKey("announcer", Announcer)
 creator_key = web.AppKey("creator", gens.Creator)
 
 
@@ -137,7 +159,8 @@ creator_key = web.AppKey("creator", gens.Creator)
     responses={
         202: Returns(
             Generation,
-            "Accepted: queued for its provider.",
+            "Accepted: `submitted` (its job is on its provider's queue: local workers, "
+            "hosted runners) or `queued` for dispatch (remote providers).",
             {"Location": "The generation's URL.", "Idempotent-Replayed": "`true` on a replay."},
         ),
         403: Returns(

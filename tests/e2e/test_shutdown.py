@@ -259,15 +259,16 @@ async def test_api_sigterm_answers_or_refuses_every_request_and_ends_event_strea
         found = await rows(pool, user_id)
         ids = {str(r["id"]) for r in found}
         # Every 202 has its row; a refused request made at most one whole row: the
-        # row and its first history entry, written in one transaction.
+        # row and its first history entry (submitted: the API sends a local job
+        # itself), written in one statement.
         assert accepted <= ids
         assert len(ids) <= 50
-        queued = {
+        submitted = {
             str(e["generation_id"])
             for e in await events(pool, user_id)
-            if (e["status"], e["attempt"]) == ("queued", 1)
+            if (e["status"], e["attempt"]) == ("submitted", 1)
         }
-        assert queued == ids
+        assert submitted == ids
 
         # A restarted API (and a reconciler, for rows committed but never published)
         # takes the stack on: every row that exists completes, with one image.

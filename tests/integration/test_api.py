@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from core.api.app import create_app
 from core.api.generations import announcer_key
-from core.events import GenerationRequested
+from core.events import GenerationRequested, LocalJob
 from core.metrics import REGISTRY
 from core.runtime import Runtime
 from core.streams import Publisher, SharedRedis
@@ -28,6 +28,19 @@ BODY = {"prompt": "a red fox in snow"}
 
 async def _count(rt: Runtime) -> int:
     return int(await rt.pool.fetchval("SELECT count(*) FROM generations"))
+
+
+async def _jobs(rt: Runtime) -> list[LocalJob]:
+    """The jobs on the local workers' queue, oldest first."""
+    entries = await rt.redis.xrange(rt.settings.keys.jobs_local)
+    return [LocalJob.model_validate_json(f[b"__data__"]) for _, f in entries]
+
+
+async def _notices(rt: Runtime, user: UserAuth) -> list[tuple[str, str]]:
+    """(type, generation id) of the user's notices, oldest first."""
+    entries = await rt.redis.xrange(rt.settings.keys.user_events(user.user_id))
+    notices = [orjson.loads(f[b"__data__"]) for _, f in entries]
+    return [(n["type"], n["generation"]["id"]) for n in notices]
 
 
 async def test_create_returns_202_with_the_resource_and_publishes(
@@ -54,15 +67,52 @@ async def test_create_returns_202_with_the_resource_and_publishes(
         "updated_at",
         "completed_at",
     } <= body.keys()
-    assert (body["width"], body["height"], body["status"]) == (1024, 1024, "queued")
+    # A local job goes straight to the workers' queue (Settings.api_dispatch).
+    assert (body["width"], body["height"], body["status"]) == (1024, 1024, "submitted")
+    assert body["provider"] == "local"
     assert 0 <= body["seed"] <= 2**32 - 1
     assert body["image_url"] is None and body["thumbnail_url"] is None
+    [job] = await _jobs(rt)
+    assert (job.generation_id, job.attempt, job.prompt, job.seed, job.user_id) == (
+        uuid.UUID(body["id"]),
+        1,
+        BODY["prompt"],
+        body["seed"],
+        alice.user_id,
+    )
+    assert await _notices(rt, alice) == [("generation.submitted", body["id"])]
+    assert await rt.redis.exists(rt.settings.keys.requested) == 0
+    row = await rt.pool.fetchrow(
+        "SELECT g.submitted_at, c.due_at - g.created_at AS check_in"
+        " FROM generations g JOIN generation_checks c ON c.generation_id = g.id"
+        " WHERE g.id = $1",
+        uuid.UUID(body["id"]),
+    )
+    assert row["submitted_at"] is not None
+    # Looked at after the local check interval, as a dispatcher's claim sets it.
+    assert abs(row["check_in"].total_seconds() - rt.settings.local_check_s) < 5
+    history = await rt.pool.fetch(
+        "SELECT status FROM generation_events WHERE generation_id = $1", uuid.UUID(body["id"])
+    )
+    assert [h["status"] for h in history] == ["submitted"]
+
+
+async def test_with_api_dispatch_off_a_create_is_queued_for_the_dispatchers(
+    alice: UserAuth, rt: Runtime
+) -> None:
+    settings = rt.settings.model_copy(update={"api_dispatch": False})
+    app = create_app(settings, dataclasses.replace(rt, settings=settings))
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.post("/api/v1/generations", json=BODY, headers=alice.headers)
+        assert resp.status == 202
+        body = await resp.json()
+    assert body["status"] == "queued"
     entries = await rt.redis.xrange(rt.settings.keys.requested)
     assert [GenerationRequested.model_validate_json(f[b"__data__"]) for _, f in entries] == [
-        GenerationRequested(
-            generation_id=uuid.UUID(body["id"]), attempt=1, provider=body["provider"]
-        )
+        GenerationRequested(generation_id=uuid.UUID(body["id"]), attempt=1, provider="local")
     ]
+    assert await _jobs(rt) == []
+    assert await _notices(rt, alice) == [("generation.queued", body["id"])]
 
 
 @pytest.mark.parametrize(
@@ -92,7 +142,7 @@ async def test_invalid_bodies_get_400_with_a_code_and_write_nothing(
     assert err["code"] == code
     assert field in {d["field"] for d in err["details"]}
     assert await _count(rt) == 0
-    assert await rt.redis.exists(rt.settings.keys.requested) == 0
+    assert await rt.redis.exists(rt.settings.keys.jobs_local, rt.settings.keys.requested) == 0
 
 
 @pytest.mark.parametrize(
@@ -127,7 +177,7 @@ async def test_idempotency_key_replays_and_rejects_a_different_body(
     assert other.status == 409
     assert (await other.json())["error"]["code"] == "idempotency_key_reused"
     assert await _count(rt) == 1
-    assert await rt.redis.xlen(rt.settings.keys.requested) == 1
+    assert len(await _jobs(rt)) == 1
 
 
 async def test_idempotency_key_under_concurrent_requests_creates_one(
@@ -286,11 +336,15 @@ async def test_status_filter(client, alice: UserAuth, rt: Runtime) -> None:
     failed = await (
         await client.get("/api/v1/generations?status=failed", headers=alice.headers)
     ).json()
+    submitted = await (
+        await client.get("/api/v1/generations?status=submitted", headers=alice.headers)
+    ).json()
     queued = await (
         await client.get("/api/v1/generations?status=queued", headers=alice.headers)
     ).json()
     assert [i["status"] for i in failed["items"]] == ["failed"]
-    assert len(queued["items"]) == 2
+    assert [i["status"] for i in submitted["items"]] == ["submitted", "submitted"]
+    assert queued["items"] == []
 
 
 def _events(logs: list[dict[str, Any]], event: str) -> list[str]:
@@ -308,47 +362,52 @@ async def test_generations_announced_in_one_loop_turn_share_one_redis_call(
     client, alice: UserAuth, rt: Runtime
 ) -> None:
     """Creates whose INSERTs return together pay one Redis call between them, and each
-    still gets its queued notice and its dispatch request, in order of arrival."""
+    still gets its notice and its job (or, queued, its dispatch request), in order of
+    arrival."""
     gids = []
-    for _ in range(3):
+    for _ in range(4):
         resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
         gids.append((await resp.json())["id"])
-    requested = rt.settings.keys.requested
-    events = rt.settings.keys.user_events(alice.user_id)
-    await rt.redis.delete(requested, events)
+    # The last as a retry would leave it: queued, for the dispatchers.
+    await rt.pool.execute(
+        "UPDATE generations SET status = 'queued' WHERE id = $1", uuid.UUID(gids[-1])
+    )
+    keys = rt.settings.keys
+    await rt.redis.delete(keys.requested, keys.jobs_local, keys.user_events(alice.user_id))
     rows = [
         await rt.pool.fetchrow("SELECT * FROM generations WHERE id = $1", uuid.UUID(gid))
         for gid in gids
     ]
     calls, announced = _batches()
     await asyncio.gather(*(client.app[announcer_key].announce(row) for row in rows))
-    assert _batches() == (calls + 1, announced + 3)
-    entries = await rt.redis.xrange(requested)
-    assert [orjson.loads(f[b"__data__"])["generation_id"] for _, f in entries] == gids
-    notices = [orjson.loads(f[b"__data__"]) for _, f in await rt.redis.xrange(events)]
-    assert [(n["type"], n["generation"]["id"]) for n in notices] == [
-        ("generation.queued", gid) for gid in gids
+    assert _batches() == (calls + 1, announced + 4)
+    assert [str(j.generation_id) for j in await _jobs(rt)] == gids[:3]
+    entries = await rt.redis.xrange(keys.requested)
+    assert [orjson.loads(f[b"__data__"])["generation_id"] for _, f in entries] == gids[3:]
+    assert await _notices(rt, alice) == [
+        *(("generation.submitted", gid) for gid in gids[:3]),
+        ("generation.queued", gids[3]),
     ]
 
 
 async def test_create_survives_a_failed_dispatch_publish(
     client, alice: UserAuth, rt: Runtime
 ) -> None:
-    """The row is the truth: a failed XADD still answers 202 and is logged, the queued
-    notice (sent first) still went out, and the reconciler publishes the request again."""
+    """The row is the truth: a failed XADD of the job still answers 202 and is logged,
+    the notice (sent first) still went out, and the reconciler, finding the workers'
+    queue empty when the check is due, retries the generation as a lost job."""
     from reconciler.loop import Reconciler
 
-    requested = rt.settings.keys.requested
-    await rt.redis.set(requested, "not a stream")  # every XADD to it fails: WRONGTYPE
+    jobs = rt.settings.keys.jobs_local
+    await rt.redis.set(jobs, "not a stream")  # every XADD to it fails: WRONGTYPE
     with capture_logs() as logs:
         resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert resp.status == 202
     gid = (await resp.json())["id"]
     assert _events(logs, "api.publish_failed") == [gid]
-    notices = await rt.redis.xrange(rt.settings.keys.user_events(alice.user_id))
-    assert [orjson.loads(f[b"__data__"])["type"] for _, f in notices] == ["generation.queued"]
-    await rt.redis.delete(requested)
-    # Created with a check after the grace period: made due now.
+    assert await _notices(rt, alice) == [("generation.submitted", gid)]
+    await rt.redis.delete(jobs)
+    # Created with a check after the local check interval: made due now.
     made_due = await rt.pool.execute(
         "UPDATE generation_checks SET due_at = now() - interval '1 second'"
         " WHERE generation_id = $1 AND due_at > now()",
@@ -356,13 +415,16 @@ async def test_create_survives_a_failed_dispatch_publish(
     )
     assert made_due == "UPDATE 1"
     counts = await Reconciler(rt).tick()
-    assert counts["requeue"] == 1
-    assert await rt.redis.xlen(requested) == 1
+    assert counts["retry"] == 1
+    row = await rt.pool.fetchrow(
+        "SELECT status, attempt FROM generations WHERE id = $1", uuid.UUID(gid)
+    )
+    assert (row["status"], row["attempt"]) == ("queued", 2)
 
 
 async def test_create_answers_202_when_redis_is_unreachable(alice: UserAuth, rt: Runtime) -> None:
     """Neither the notice nor the request can go out (nothing listens on the port): the
-    failure is logged and the row stays queued for the reconciler."""
+    failure is logged and the row stays submitted for the reconciler."""
     unreachable = SharedRedis(aioredis.Redis(port=unused_port(), retry=Retry(NoBackoff(), 0)))
     publisher = Publisher(unreachable, rt.settings.keys)
     app = create_app(rt.settings, dataclasses.replace(rt, publisher=publisher))
@@ -376,7 +438,7 @@ async def test_create_answers_202_when_redis_is_unreachable(alice: UserAuth, rt:
         await unreachable.aclose()
     assert _events(logs, "api.publish_failed") == [gid]
     status = await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", uuid.UUID(gid))
-    assert status == "queued"
+    assert status == "submitted"
 
 
 async def test_health_and_readiness(client) -> None:

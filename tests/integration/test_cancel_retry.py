@@ -9,9 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from consumers.status import StatusProcessor
-from core import lifecycle
 from core.events import GenerationRequested, JobStatus, UserEvent
-from core.lifecycle import Status
 from core.runtime import Runtime
 from core.storage import original_key
 from tests.conftest import UserAuth
@@ -25,8 +23,10 @@ async def _create(client, user: UserAuth) -> str:  # type: ignore[no-untyped-def
     return str((await resp.json())["id"])
 
 
-async def test_cancel_a_queued_generation_then_again(client, alice: UserAuth, rt: Runtime) -> None:
-    gid = await _create(client, alice)
+async def test_cancel_a_generation_waiting_for_a_worker_then_again(
+    client, alice: UserAuth, rt: Runtime
+) -> None:
+    gid = await _create(client, alice)  # submitted: its job is on the workers' queue
     first = await client.post(f"/api/v1/generations/{gid}/cancel", headers=alice.headers)
     assert first.status == 200 and (await first.json())["status"] == "cancelled"
     again = await client.post(f"/api/v1/generations/{gid}/cancel", headers=alice.headers)
@@ -61,7 +61,7 @@ async def test_cancel_and_retry_of_another_users_generation_is_404(
         assert resp.status == 404
     assert (
         await rt.pool.fetchval("SELECT status FROM generations WHERE id = $1", uuid.UUID(gid))
-        == "queued"
+        == "submitted"
     )
 
 
@@ -116,8 +116,7 @@ async def test_cancel_racing_with_completion_is_consistent_and_leaves_no_stray_i
     cancelled and no image is left."""
     processor = StatusProcessor(rt)
     for _ in range(20):
-        gid = uuid.UUID(await _create(client, alice))
-        assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+        gid = uuid.UUID(await _create(client, alice))  # submitted
         key = original_key(alice.user_id, gid, 1, "png")
         await rt.storage.put(key, b"img", "image/png")
         done = JobStatus(
@@ -140,8 +139,7 @@ async def test_cancel_racing_with_completion_is_consistent_and_leaves_no_stray_i
 async def test_cancel_clears_an_image_whose_report_was_lost(
     client, alice: UserAuth, rt: Runtime
 ) -> None:
-    gid = uuid.UUID(await _create(client, alice))
-    assert await lifecycle.transition(rt.pool, gid, attempt=1, to=Status.SUBMITTED)
+    gid = uuid.UUID(await _create(client, alice))  # submitted
     # The worker stored its image, but its "completed" report never arrived.
     await rt.storage.put(original_key(alice.user_id, gid, 1, "png"), b"img", "image/png")
     resp = await client.post(f"/api/v1/generations/{gid}/cancel", headers=alice.headers)

@@ -73,8 +73,8 @@ async def test_50_parallel_creates_against_a_limit_of_5_active_accept_exactly_5(
             if resp.status == 429:
                 await refusal(resp, "too_many_active")
         assert await count(rt, alice) == 5
-        # Published exactly once each: refused creates leave nothing behind.
-        assert await rt.redis.xlen(rt.settings.keys.requested) == 5
+        # Sent to the workers exactly once each: refused creates leave nothing behind.
+        assert await rt.redis.xlen(rt.settings.keys.jobs_local) == 5
         # The limit is per user.
         assert (await create(client, bob)).status == 202
 

@@ -15,7 +15,7 @@ from core import metrics
 from core.api.app import create_app
 from core.api.metrics import cluster_collector_key
 from core.events import GenerationRequested
-from core.keys import GROUP_DISPATCHERS
+from core.keys import GROUP_DISPATCHERS, GROUP_GPU_WORKERS
 from core.runtime import Runtime
 from tests.conftest import UserAuth, running, wait_for_status
 
@@ -79,18 +79,19 @@ async def test_generation_stream_and_group_series_follow_a_generation(
 
     fresh(client)
     keys = rt.settings.keys
-    requested = {"stream": keys.requested, "group": GROUP_DISPATCHERS}
+    # A local generation's job goes from the API straight to the workers' queue.
+    jobs = {"stream": keys.jobs_local, "group": GROUP_GPU_WORKERS}
     before = await scrape(client)
-    assert value(before, "gengui_generations", status="queued", provider="local") == 0
+    assert value(before, "gengui_generations", status="submitted", provider="local") == 0
     assert value(before, "gengui_metrics_source_up", source="redis") == 1
     assert value(before, "gengui_metrics_source_up", source="postgres") == 1
 
     created = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert created.status == 202
     gid = (await created.json())["id"]
-    queued = await scrape(client)
-    assert value(queued, "gengui_generations", status="queued", provider="local") == 1
-    assert value(queued, "gengui_stream_length", stream=keys.requested) == 1
+    submitted = await scrape(client)
+    assert value(submitted, "gengui_generations", status="submitted", provider="local") == 1
+    assert value(submitted, "gengui_stream_length", stream=keys.jobs_local) == 1
 
     loops = {**consumer_loops(rt), **worker_loops(rt, load_engine("placeholder"))}
     async with running(loops):
@@ -103,19 +104,19 @@ async def test_generation_stream_and_group_series_follow_a_generation(
         assert image.headers["X-Request-ID"] == "r1"
         after = await scrape(client)
 
-    assert value(after, "gengui_generations", status="queued", provider="local") == 0
+    assert value(after, "gengui_generations", status="submitted", provider="local") == 0
     for name in ("gengui_stream_consumed_total", "gengui_stream_acked_total"):
-        assert value(after, name, **requested) - value(before, name, **requested) == 1, name
+        assert value(after, name, **jobs) - value(before, name, **jobs) == 1, name
     handled = "gengui_stream_handler_duration_seconds_count"
-    assert value(after, handled, **requested) - value(before, handled, **requested) == 1
+    assert value(after, handled, **jobs) - value(before, handled, **jobs) == 1
     status_stream = {"stream": keys.job_status, "group": "status-processors"}
     assert value(after, "gengui_stream_acked_total", **status_stream) > value(
         before, "gengui_stream_acked_total", **status_stream
     )
     # The group read everything and acked it: nothing lags, nothing pending.
-    assert value(after, "gengui_stream_group_lag", **requested) == 0
-    assert value(after, "gengui_stream_group_pending", **requested) == 0
-    assert ("gengui_stream_group_pending", frozenset(requested.items())) in after
+    assert value(after, "gengui_stream_group_lag", **jobs) == 0
+    assert value(after, "gengui_stream_group_pending", **jobs) == 0
+    assert ("gengui_stream_group_pending", frozenset(jobs.items())) in after
     assert value(after, "gengui_dead_letters") == 0
     # Finished generations and their submit -> completed duration, by provider.
     finished = "gengui_generations_finished_total"

@@ -1,13 +1,16 @@
-"""The whole path on real Postgres + Redis: API -> dispatch -> worker -> status -> thumbnail."""
+"""The whole path on real Postgres + Redis: API (-> dispatch) -> worker -> status -> thumbnail."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import uuid
 
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from core import lifecycle
+from core.api.app import create_app
 from core.events import JobStatus
 from core.lifecycle import Status
 from core.runtime import Runtime
@@ -24,7 +27,7 @@ async def test_generation_reaches_completed_with_image_and_thumbnail(
     resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
     assert resp.status == 202
     created = await resp.json()
-    assert created["status"] == "queued"
+    assert created["status"] == "submitted"  # the API sent the job itself
     assert created["seed"] == 7 and created["attempt"] == 1 and created["provider"] == "local"
 
     done = await wait_for_status(client, alice, created["id"], {"completed"}, need_thumbnail=True)
@@ -45,8 +48,26 @@ async def test_generation_reaches_completed_with_image_and_thumbnail(
         uuid.UUID(created["id"]),
     )
     # A placeholder job is done long before worker_processing_after_s: no processing.
-    assert [r["status"] for r in history] == ["queued", "submitted", "completed"]
+    assert [r["status"] for r in history] == ["submitted", "completed"]
     # Whole: the reconciler has nothing left to look at.
+    assert await check_of(rt, uuid.UUID(created["id"])) is None
+
+
+async def test_with_api_dispatch_off_the_dispatchers_send_the_job(
+    alice: UserAuth, rt: Runtime, pipeline
+) -> None:
+    settings = rt.settings.model_copy(update={"api_dispatch": False})
+    app = create_app(settings, dataclasses.replace(rt, settings=settings))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post("/api/v1/generations", json=BODY, headers=alice.headers)
+        created = await resp.json()
+        assert created["status"] == "queued"
+        await wait_for_status(client, alice, created["id"], {"completed"}, need_thumbnail=True)
+    history = await rt.pool.fetch(
+        "SELECT status FROM generation_events WHERE generation_id = $1 ORDER BY id",
+        uuid.UUID(created["id"]),
+    )
+    assert [r["status"] for r in history] == ["queued", "submitted", "completed"]
     assert await check_of(rt, uuid.UUID(created["id"])) is None
 
 
@@ -63,8 +84,8 @@ async def test_a_long_job_is_processing_until_its_image_is_stored(
         "SELECT status, detail FROM generation_events WHERE generation_id = $1 ORDER BY id",
         uuid.UUID(gid),
     )
-    assert [r["status"] for r in history] == ["queued", "submitted", "processing", "completed"]
-    assert history[2]["detail"]["source"].startswith("worker-")  # who runs it
+    assert [r["status"] for r in history] == ["submitted", "processing", "completed"]
+    assert history[1]["detail"]["source"].startswith("worker-")  # who runs it
 
 
 async def _queued_generation(rt: Runtime, user: UserAuth) -> uuid.UUID:

@@ -386,12 +386,12 @@ async def test_a_generation_streams_its_whole_lifecycle(
             if got[-1]["type"] == "generation.processing":
                 held_pipeline.release.set()
     assert all(e["data"]["generation"]["id"] == gid for e in got)
-    # generation.queued is the API's own notice, sent once the created row is committed
-    # (POST /api/v1/generations); the others come from the consumers.
+    # generation.submitted is the API's own notice, sent once the created row is
+    # committed with its job (POST /api/v1/generations); the others come from the
+    # consumers.
     types = [e["type"] for e in got if e["type"] != "generation.progress"]
     assert sorted(types) == sorted(
         [
-            "generation.queued",
             "generation.submitted",
             "generation.processing",
             "generation.completed",

@@ -84,7 +84,7 @@ async def test_consumer_handler_lines_carry_generation_id_and_attempt(
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with running(loops):
             await wait_for_status(client, alice, gid, {"completed"}, timeout_s=20)
-    for event in ("generation.dispatched", "generation.completed"):
+    for event in ("worker.job_done", "generation.completed"):
         lines = _lines(logs, event)
         assert lines, f"no {event} line"
         for line in lines:
