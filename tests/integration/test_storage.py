@@ -349,3 +349,35 @@ async def test_discard_partials_clears_every_prefix_named_and_no_other(tmp_path:
     assert await storage.discard_partials(*named) == 2
     assert await storage.discard_partials() == 0
     assert [p.exists() for p in partials] == [False, False, True]
+
+
+@pytest.mark.parametrize("named", [1, 40])  # on the loop, and on a thread (over 16)
+async def test_discard_partials_follows_no_symlink_out_of_the_root(
+    tmp_path: Path, named: int
+) -> None:
+    """A generation directory, or a directory above it, that is a symlink to somewhere
+    else is not read: the temp-looking files there are not the storage's."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    storage = LocalStorage(root)
+    outside.mkdir()
+    bait = outside / ".tmp-not-ours"
+    bait.write_bytes(b"keep")
+    owner, linked_owner = uuid.uuid4(), uuid.uuid4()
+    gens = [uuid.uuid4() for _ in range(named)]
+    for gid in gens:
+        await storage.put(original_key(owner, gid, 1, "png"), b"whole", "image/png")
+        (root / generation_prefix(owner, gid) / ".tmp-killed").write_bytes(b"half")
+    # The generation directory itself a link...
+    linked_gen = uuid.uuid4()
+    (root / generation_prefix(owner, linked_gen)).symlink_to(outside, target_is_directory=True)
+    # ...and a user's generations directory a link.
+    (root / "users" / str(linked_owner)).mkdir(parents=True)
+    (root / "users" / str(linked_owner) / "generations").symlink_to(outside)
+    (outside / str(gens[0])).mkdir()
+    deeper_bait = outside / str(gens[0]) / ".tmp-not-ours"
+    deeper_bait.write_bytes(b"keep")
+    prefixes = [generation_prefix(owner, gid) for gid in gens]
+    prefixes += [generation_prefix(owner, linked_gen), generation_prefix(linked_owner, gens[0])]
+    assert await storage.discard_partials(*prefixes) == named
+    assert bait.read_bytes() == deeper_bait.read_bytes() == b"keep"
+    assert not any(p.name.startswith(".tmp-") for p in root.rglob("*") if not p.is_symlink())
