@@ -22,7 +22,6 @@ the render starts at once.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ import structlog
 
 from core import heartbeats
 from core.events import JobStatus, LocalJob
+from core.handback import Handback
 from core.imaging import ImageRejected, sniff_image
 from core.keys import GROUP_GPU_WORKERS
 from core.logging import get_logger
@@ -65,6 +65,7 @@ class Worker:
         # (and with GENGUI_STORAGE_SYNC=file for the fsyncs), so the loop's default pool
         # (cpu + 4 threads) would cap a larger concurrency.
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
+        self._handback: Handback | None = None  # made on the loop that runs the jobs
 
     def _status(self, job: LocalJob, **fields: Any) -> JobStatus:
         return JobStatus(
@@ -157,12 +158,12 @@ class Worker:
             timer = None
         else:
             timer = loop.call_later(self.processing_after_s, report_processing)
-        # As asyncio.to_thread does (the log context goes along), on this worker's threads.
-        make = functools.partial(
-            contextvars.copy_context().run, self._make_image, job, progress, loop
-        )
+        # On this worker's threads, the log context along (as asyncio.to_thread does);
+        # the jobs that finish together wake the loop once (core.handback).
+        if self._handback is None:
+            self._handback = Handback(loop)
         try:
-            outcome = await loop.run_in_executor(self._threads, make)
+            outcome = await self._handback.run(self._threads, self._make_image, job, progress, loop)
         finally:
             if timer is not None:
                 timer.cancel()
