@@ -34,7 +34,7 @@ from core.keys import Keys
 
 REF = "#/components/schemas/{model}"
 
-# Queue providers: dispatch appends their jobs to ``jobs:{provider}``.
+# Queue providers: the API (a create) or dispatch appends their jobs to ``jobs:{provider}``.
 QUEUE_PROVIDERS = ("local", "gemini", "openai")
 
 
@@ -54,7 +54,8 @@ STREAMS: tuple[StreamDoc, ...] = (
         "generationRequested",
         lambda keys: keys.requested,
         GenerationRequested,
-        "API (create, retry), reconciler (requeue of a queued row past its grace period)",
+        "API (a create for a remote provider, or any with GENGUI_API_DISPATCH off; a retry), "
+        "reconciler (requeue of a queued row past its grace period)",
         k.GROUP_DISPATCHERS,
         "`gengui consumers --only dispatch`: claims the attempt and submits it to the provider",
     ),
@@ -62,7 +63,8 @@ STREAMS: tuple[StreamDoc, ...] = (
         "jobs",
         lambda keys: keys.jobs("{provider}"),
         LocalJob,
-        "dispatchers, for queue providers",
+        "API (a new generation for a queue provider, GENGUI_API_DISPATCH), dispatchers "
+        "(retries, requeues)",
         f"{k.GROUP_GPU_WORKERS} (local) / {k.GROUP_HOSTED} (gemini, openai)",
         "`gengui worker` (local GPU workers) and the hosted runners (gemini, openai)",
         {
