@@ -112,8 +112,7 @@ class Dispatcher:
                 # retries as after a crash.
                 log.error("dispatch.provider_mismatch", generation_id=str(row["id"]))
                 continue
-            outbox.send(provider.stream, provider.message(Job.from_row(row)))
-            outbox.notify(row, "generation.submitted")
+            provider.dispatch_in(outbox, row)
             dispatched.append(row)
         # A failure here leaves claimed rows without a job: the reconciler finds their
         # queue empty after check_after and retries them, as after a crash.

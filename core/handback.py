@@ -31,16 +31,19 @@ class Handback:
     threads, in a copy of the caller's context (as ``asyncio.to_thread``); its result or
     exception comes back to the awaiting coroutine. Cancelling the coroutine does not
     stop the call (as with ``run_in_executor``); a call the executor cancels (shutdown
-    with ``cancel_futures``) cancels its coroutine. One per event loop."""
+    with ``cancel_futures``) cancels its coroutine. Bound to the loop of its first
+    ``run``: one per event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._done: collections.deque[_Done] = collections.deque()
         self._lock = threading.Lock()
         self._wakeup_pending = False
         self.wakeups = 0  # loop callbacks so far (tests)
 
     def run(self, executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = self._loop.create_future()
         context = contextvars.copy_context()
 
@@ -66,6 +69,7 @@ class Handback:
             self._wakeup_pending = True
         # RuntimeError: the loop is closed, nobody waits any more.
         with contextlib.suppress(RuntimeError):
+            assert self._loop is not None  # bound by the run that made the outcome
             self._loop.call_soon_threadsafe(self._settle)
 
     def _settle(self) -> None:

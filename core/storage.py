@@ -149,11 +149,9 @@ class LocalStorage:
         self._group: GroupSync | None = None
         if sync == "group" and syncfs_available():
             self._group = GroupSync(self.root)
-        # Key prefix -> its real directory, checked to be inside root (``_dir``).
+        # Key prefix -> its real directory, checked to be inside root (``_dir``,
+        # ``_existing_dir``; a symlink put in place of one after that is not noticed).
         self._dirs: dict[str, str] = {}
-        # Parents of the directories discard_partials reads, checked to be inside root
-        # (a symlink put in place of one after that is not noticed, as in ``_dir``).
-        self._parents: set[str] = set()
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -184,10 +182,27 @@ class LocalStorage:
                 if not os.path.isdir(real) or not self._inside(real):
                     raise ValueError(f"storage key escapes the storage root: {prefix!r}") from None
                 path = real
+        self._remember(prefix, path)
+        return path
+
+    def _existing_dir(self, prefix: str) -> str | None:
+        """The real directory of a key prefix if it exists inside root (None otherwise),
+        remembered as ``_dir`` remembers the ones it made; never makes one."""
+        if not prefix:
+            return self._root
+        known = self._dirs.get(prefix)
+        if known is not None:
+            return known
+        real = os.path.realpath(os.path.join(self._root, prefix))
+        if not self._inside(real) or not os.path.isdir(real):
+            return None
+        self._remember(prefix, real)
+        return real
+
+    def _remember(self, prefix: str, path: str) -> None:
         if len(self._dirs) >= _DIRS_REMEMBERED:
             self._dirs.clear()
         self._dirs[prefix] = path
-        return path
 
     def _inside(self, real: str) -> bool:
         """Whether a resolved path is the root or below it."""
@@ -310,27 +325,25 @@ class LocalStorage:
         return await asyncio.to_thread(walk)
 
     async def discard_partials(self, *prefixes: str) -> int:
-        # Plain strings, not Paths: a batch names hundreds of prefixes.
-        bases = [os.path.join(self._root, _validate_prefix(p).rpartition("/")[0]) for p in prefixes]
-        if len(bases) > _SCANS_ON_LOOP:
+        # The directory each prefix names ("a/b/" -> "a/b"; "" is the root).
+        dirs = [_validate_prefix(p).rpartition("/")[0] for p in prefixes]
+        if len(dirs) > _SCANS_ON_LOOP:
             # Many prefixes, one thread hop: the status consumer clears a batch at once.
-            return await asyncio.to_thread(self._discard_all, bases)
+            return await asyncio.to_thread(self._discard_all, dirs)
         # A few directory reads cost less than the hop to a thread and back (on the
         # 2-core VM of bench/README.md: 13 us a directory, 150 us of CPU a hop).
-        return self._discard_all(bases)
+        return self._discard_all(dirs)
 
-    def _discard_all(self, bases: list[str]) -> int:
+    def _discard_all(self, dirs: list[str]) -> int:
         removed = 0
-        for base in bases:
-            parent = os.path.dirname(base)
-            if parent not in self._parents:
-                if not self._inside(os.path.realpath(parent)):
-                    continue  # a symlink out of the root
-                if len(self._parents) >= _DIRS_REMEMBERED:
-                    self._parents.clear()
-                self._parents.add(parent)
+        for prefix in dirs:
+            head, _, name = prefix.rpartition("/")
+            parent = self._existing_dir(head)
+            if parent is None:
+                continue  # missing, or a symlink out of the root
             try:
-                fd = os.open(base, _DIR_NOFOLLOW)
+                # The root was resolved when opened; below it no symlink is followed.
+                fd = os.open(os.path.join(parent, name) if name else parent, _DIR_NOFOLLOW)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:

@@ -2,7 +2,8 @@
 
 Three shapes of provider (see ``providers.base``):
 - queue providers (``local`` GPU workers, and the hosted APIs ``gemini``/``openai``):
-  dispatch appends the job to ``jobs:{provider}``; runners take it from there;
+  the API (a create) or dispatch appends the job to ``jobs:{provider}``; runners take
+  it from there;
 - polling providers (``runpod``, ``replicate``): dispatch submits over HTTP with a
   signed webhook URL; the reconciler polls as the backup path;
 - sync providers (``gemini``, ``openai``): the hosted runner calls ``generate``.
@@ -17,6 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -24,6 +26,9 @@ from core.events import LocalJob
 from core.settings import Settings
 from core.streams import Publisher
 from providers.base import Job, PollingProvider, Provider, Submission, SyncProvider
+
+if TYPE_CHECKING:
+    from core.notify import Outbox
 
 
 class QueueProvider:
@@ -51,6 +56,13 @@ class QueueProvider:
             seed=job.seed,
             deadline_at=job.deadline_at,
         )
+
+    def dispatch_in(self, outbox: Outbox, row: Any) -> None:
+        """A claimed (``submitted``) row's notice and job, into ``outbox``: one script
+        call sends both, so its runner cannot start it before its notice is out. The
+        dispatchers and the API (a create, ``Settings.api_dispatch``) both send so."""
+        outbox.notify(row, "generation.submitted")
+        outbox.send(self.stream, self.message(Job.from_row(row)))
 
     async def submit(self, job: Job, *, webhook_url: str | None = None) -> Submission:
         await self.publisher.send(self.stream, self.message(job))

@@ -25,7 +25,6 @@ from core.metrics import API_PUBLISH_BATCH
 from core.notify import Outbox, OutboxQueue, notify
 from core.storage import ObjectNotFound, clear_generation
 from core.streams import Publisher
-from providers.base import Job
 from providers.registry import QueueProvider
 
 log = get_logger("gengui.api")
@@ -122,11 +121,9 @@ class Announcer:
     async def announce(self, row: asyncpg.Record) -> None:
         queue = self._queues.get(row["provider"]) if row["status"] == Status.SUBMITTED else None
         if queue is not None:
-            job = queue.message(Job.from_row(row))
 
             def fill(outbox: Outbox) -> None:
-                outbox.notify(row, "generation.submitted")
-                outbox.send(queue.stream, job)
+                queue.dispatch_in(outbox, row)
 
         else:
             request = GenerationRequested(

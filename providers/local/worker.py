@@ -65,7 +65,7 @@ class Worker:
         # (and with GENGUI_STORAGE_SYNC=file for the fsyncs), so the loop's default pool
         # (cpu + 4 threads) would cap a larger concurrency.
         self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
-        self._handback: Handback | None = None  # made on the loop that runs the jobs
+        self._handback = Handback()
 
     def _status(self, job: LocalJob, **fields: Any) -> JobStatus:
         return JobStatus(
@@ -160,8 +160,6 @@ class Worker:
             timer = loop.call_later(self.processing_after_s, report_processing)
         # On this worker's threads, the log context along (as asyncio.to_thread does);
         # the jobs that finish together wake the loop once (core.handback).
-        if self._handback is None:
-            self._handback = Handback(loop)
         try:
             outcome = await self._handback.run(self._threads, self._make_image, job, progress, loop)
         finally:

@@ -270,8 +270,9 @@ async def test_api_sigterm_answers_or_refuses_every_request_and_ends_event_strea
         }
         assert submitted == ids
 
-        # A restarted API (and a reconciler, for rows committed but never published)
-        # takes the stack on: every row that exists completes, with one image.
+        # A restarted API (and a reconciler, for any row committed but never sent)
+        # takes the stack on: every row that exists completes, with one image, under
+        # its first attempt: the stopping API sent every committed row's job.
         stack.start("api2", "api")
         stack.env["GENGUI_DISPATCH_GRACE_S"] = "1"
         stack.start("reconciler", "reconciler")

@@ -390,9 +390,7 @@ async def test_generations_announced_in_one_loop_turn_share_one_redis_call(
     ]
 
 
-async def test_create_survives_a_failed_dispatch_publish(
-    client, alice: UserAuth, rt: Runtime
-) -> None:
+async def test_create_survives_a_failed_job_send(client, alice: UserAuth, rt: Runtime) -> None:
     """The row is the truth: a failed XADD of the job still answers 202 and is logged,
     the notice (sent first) still went out, and the reconciler, finding the workers'
     queue empty when the check is due, retries the generation as a lost job."""

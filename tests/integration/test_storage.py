@@ -381,3 +381,15 @@ async def test_discard_partials_follows_no_symlink_out_of_the_root(
     assert await storage.discard_partials(*prefixes) == named
     assert bait.read_bytes() == deeper_bait.read_bytes() == b"keep"
     assert not any(p.name.startswith(".tmp-") for p in root.rglob("*") if not p.is_symlink())
+
+
+async def test_discard_partials_of_the_whole_store(tmp_path: Path) -> None:
+    """The empty prefix names the root: every partial under it goes, objects stay."""
+    storage = LocalStorage(tmp_path)
+    key = original_key(uuid.uuid4(), uuid.uuid4(), 1, "png")
+    await storage.put(key, b"whole", "image/png")
+    (tmp_path / ".tmp-at-root").write_bytes(b"half")
+    (tmp_path / key).with_name(".tmp-deep").write_bytes(b"half")
+    assert await storage.discard_partials("") == 2
+    assert await storage.list_keys("") == [key]
+    assert not [n for _, _, files in os.walk(tmp_path) for n in files if n.startswith(".tmp-")]

@@ -15,7 +15,7 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 
 async def test_results_exceptions_and_the_callers_context_come_back() -> None:
-    handback = Handback(asyncio.get_running_loop())
+    handback = Handback()
     with ThreadPoolExecutor(2) as pool:
 
         def where(n: int) -> tuple[int, str, bool]:
@@ -34,7 +34,7 @@ async def test_results_exceptions_and_the_callers_context_come_back() -> None:
 
 async def test_calls_that_finish_together_wake_the_loop_once() -> None:
     """64 calls released at once: every result arrives, in far fewer loop callbacks."""
-    handback = Handback(asyncio.get_running_loop())
+    handback = Handback()
     release = threading.Barrier(64)
     with ThreadPoolExecutor(64) as pool:
 
@@ -48,7 +48,7 @@ async def test_calls_that_finish_together_wake_the_loop_once() -> None:
 
 
 async def test_a_call_the_executor_drops_cancels_its_caller() -> None:
-    handback = Handback(asyncio.get_running_loop())
+    handback = Handback()
     pool = ThreadPoolExecutor(1)
     hold = threading.Event()
     running = handback.run(pool, hold.wait, 10)
@@ -61,7 +61,7 @@ async def test_a_call_the_executor_drops_cancels_its_caller() -> None:
 
 
 async def test_a_cancelled_caller_leaves_the_call_to_finish_and_drops_its_result() -> None:
-    handback = Handback(asyncio.get_running_loop())
+    handback = Handback()
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         hold = threading.Event()
