@@ -153,17 +153,24 @@ async def transition(
     *,
     attempt: int,
     to: Status,
+    allowed_from: frozenset[Status] | None = None,
     detail: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> asyncpg.Record | None:
-    """Move one generation to ``to`` if its current status and attempt allow it.
+    """Move one generation to ``to`` if its current status and attempt allow it (and
+    its status is one of ``allowed_from``, when given: a decision taken on a status
+    seen earlier).
 
     Returns the updated row, or None when nothing matched (stale, duplicate, or
     already past this point) — callers treat None as "already handled".
     """
     if to is Status.QUEUED:
         raise ValueError("use retry() to start a new attempt")
-    return await _run(conn, generation_id, attempt, to, TRANSITIONS[to], detail, fields, False)
+    if allowed_from is None:
+        allowed_from = TRANSITIONS[to]
+    elif not allowed_from <= TRANSITIONS[to]:
+        raise ValueError(f"{to} is not allowed from {sorted(allowed_from)}")
+    return await _run(conn, generation_id, attempt, to, allowed_from, detail, fields, False)
 
 
 async def retry(

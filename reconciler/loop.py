@@ -19,7 +19,8 @@ Recoveries (each logged as ``reconciler.recovered`` with a reason):
   webhook) -> its ``/status`` answer is applied like the webhook would have been;
 - ``retry``: a job that is gone -> a new attempt with backoff, or ``failed``
   (``exhausted``) after the last one. Gone means: a queue job whose stream holds no
-  backlog any more (the message was lost), a processing job whose runner's
+  backlog any more and that no runner's heartbeat names (the message was lost), a
+  processing job whose runner's
   heartbeat stopped or no longer names it (the runner finished it but its report was
   lost: ``core.heartbeats``), or a remote job that never got a provider id;
 - ``deadline``: past ``deadline_at`` -> ``failed`` (``timed_out``), and the provider's
@@ -33,9 +34,10 @@ heartbeating with the job in hand, a remote job still running. Its deadline boun
 
 A tick's cost is per kind of row, not per row: the leased rows are sorted into kinds
 and each kind is settled in a few round trips whatever its size (one pipeline of
-XADDs for the requeues, one backlog look per queue, one ``MGET`` of the runners'
-heartbeats (each row names its runner), one ``UPDATE ... FROM unnest`` for the rows to
-extend).
+XADDs for the requeues, one look per queue at its backlog and runners, one ``MGET`` of
+the runners' heartbeats (a processing row names its runner), one ``UPDATE ... FROM
+unnest`` for the rows to extend). A retry is fenced by the status the job was found gone
+in, so a report that lands meanwhile wins.
 Queue and worker jobs are leased straight for their provider's check interval, which
 is what they get when left alone (the common case), so such a row is written once per
 tick; if the tick then dies, they are looked at again after that interval rather than
@@ -140,6 +142,18 @@ class _Plan:
     retry: list[tuple[asyncpg.Record, str]] = field(default_factory=list)  # (row, why gone)
 
 
+@dataclass(frozen=True)
+class _Queue:
+    """What a tick learns of one provider's job queue."""
+
+    backlog: bool  # entries not taken yet
+    runners: tuple[str, ...]  # consumers of its group with jobs not acked yet
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Reconciler:
     def __init__(self, rt: Runtime, providers: ProviderSet | None = None) -> None:
         self.rt = rt
@@ -222,23 +236,31 @@ class Reconciler:
         return len(requeue)
 
     async def _settle_local(self, rows: Sequence[asyncpg.Record]) -> Counter[str]:
-        """Queue and worker jobs: each queue's backlog asked once, every runner's
-        heartbeat in one Redis round trip."""
+        """Queue and worker jobs: each queue asked once (its backlog and its runners),
+        then every runner's heartbeat in one Redis round trip."""
         if not rows:
             return Counter()
         submitted = [r for r in rows if r["status"] == Status.SUBMITTED]
         processing = [r for r in rows if r["status"] == Status.PROCESSING]
-        backlog, alive = await asyncio.gather(
-            self._backlogs({r["provider"] for r in submitted}), self._runners_alive(processing)
-        )
+        queues = await self._queues({r["provider"] for r in submitted})
+        # A submitted row's job may be in a runner's hands before its processing report
+        # lands (reported after worker_processing_after_s, or late on a slow machine):
+        # the queue's runners are asked too, not only the rows' own.
+        runners = {r["runner"] for r in processing if r["runner"]}
+        runners.update(name for q in queues.values() if not q.backlog for name in q.runners)
+        held = await self._held(runners)
         plan = _Plan()
         for row in submitted:
-            if backlog[row["provider"]]:
-                plan.extend.append(row)  # still waiting its turn in the queue
+            q = queues[row["provider"]]
+            if q.backlog or any(
+                heartbeats.covers(held[name], row["id"], row["attempt"]) for name in q.runners
+            ):
+                plan.extend.append(row)  # waiting its turn in the queue, or just taken
             else:
                 plan.retry.append((row, "job_lost"))
         for row in processing:
-            if row["id"] in alive:
+            runner = row["runner"]
+            if runner and heartbeats.covers(held[runner], row["id"], row["attempt"]):
                 plan.extend.append(row)  # a long job on a live worker
             else:
                 plan.retry.append((row, "runner_gone"))
@@ -285,43 +307,47 @@ class Reconciler:
         # started) keeps the check that change left.
         await lifecycle.reschedule(self.rt.pool, changes, _EXTENDED_FROM)
 
-    async def _has_backlog(self, provider: str) -> bool:
-        """Entries not yet taken by the provider's runners: a slow queue, not a lost job."""
+    async def _queue(self, provider: str) -> _Queue:
+        """A queue's backlog (entries no runner took yet: a slow queue, not a lost job)
+        and its runners (the consumers of its group), in one round trip."""
+        stream = self.rt.settings.keys.jobs(provider)
         group = GROUP_GPU_WORKERS if provider == "local" else GROUP_HOSTED
-        try:
-            groups = await self.rt.redis.xinfo_groups(self.rt.settings.keys.jobs(provider))
-        except ResponseError:
-            return False  # no stream at all: whatever was in it is gone
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_groups(stream)
+            pipe.xinfo_consumers(stream, group)
+            pipe.xlen(stream)
+            groups, consumers, length = await pipe.execute(raise_on_error=False)
+        if isinstance(groups, ResponseError):
+            return _Queue(backlog=False, runners=())  # no stream: whatever was in it is gone
+        # Only consumers with entries not acked yet can hold a job: not the many that
+        # were restarted or stopped long ago.
+        runners = (
+            ()
+            if isinstance(consumers, ResponseError)
+            else tuple(_text(c["name"]) for c in consumers if c["pending"])
+        )
         for g in groups:
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name == group:
+            if _text(g["name"]) == group:
                 lag = g.get("lag")
-                return bool(lag) if lag is not None else True
+                return _Queue(backlog=bool(lag) if lag is not None else True, runners=runners)
         # No runner ever read it: anything in the stream is backlog.
-        return bool(await self.rt.redis.xlen(self.rt.settings.keys.jobs(provider)))
+        return _Queue(backlog=bool(length), runners=runners)
 
-    async def _backlogs(self, providers: set[str]) -> dict[str, bool]:
-        """``_has_backlog`` of each queue, asked once per tick whatever its rows."""
+    async def _queues(self, providers: set[str]) -> dict[str, _Queue]:
+        """``_queue`` of each queue, asked once per tick whatever its rows."""
         names = sorted(providers)
-        return dict(zip(names, await asyncio.gather(*map(self._has_backlog, names)), strict=True))
+        return dict(zip(names, await asyncio.gather(*map(self._queue, names)), strict=True))
 
-    async def _runners_alive(self, rows: Sequence[asyncpg.Record]) -> set[UUID]:
-        """Ids of the rows whose runner (on the row, from its ``processing`` report)
-        still heartbeats and names the job as in hand (``core.heartbeats``): a finished
-        job whose report was lost is not alive, nor is a row without a runner."""
-        sources = sorted({r["runner"] for r in rows if r["runner"]})
-        if not sources:
-            return set()
+    async def _held(self, runners: set[str]) -> dict[str, frozenset[str] | None]:
+        """The jobs each runner's heartbeat names as in hand (``core.heartbeats``): none
+        for a runner whose heartbeat stopped. A few runners hold many jobs: one GET per
+        runner, all in one round trip, each key parsed once."""
+        names = sorted(runners)
+        if not names:
+            return {}
         keys = self.rt.settings.keys
-        # A few workers run many jobs: one GET per worker, all in one round trip.
-        beats = await self.rt.redis.mget([keys.worker_heartbeat(source) for source in sources])
-        # Each key parsed once, not once per row: a runner's key names every job it holds.
-        held = {s: heartbeats.jobs_held(v) for s, v in zip(sources, beats, strict=True)}
-        return {
-            r["id"]
-            for r in rows
-            if r["runner"] and heartbeats.covers(held[r["runner"]], r["id"], r["attempt"])
-        }
+        beats = await self.rt.redis.mget([keys.worker_heartbeat(name) for name in names])
+        return {n: heartbeats.jobs_held(v) for n, v in zip(names, beats, strict=True)}
 
     async def _poll_all(self, leased: Sequence[asyncpg.Record]) -> list[str | None]:
         if not leased:
@@ -379,12 +405,16 @@ class Reconciler:
         """The CAS for one gone job: ``(reason, new row)``, or None when it moved on."""
         rt = self.rt
         gid, attempt = row["id"], row["attempt"]
+        # Fenced by the status the job was found gone in, not only its attempt: a
+        # submitted job whose processing report landed since the lease is not lost.
+        seen = frozenset({Status(row["status"])})
         if attempt >= rt.settings.max_attempts:
             failed = await lifecycle.transition(
                 rt.pool,
                 gid,
                 attempt=attempt,
                 to=Status.FAILED,
+                allowed_from=seen,
                 error_code="no_result",
                 error_message=f"no result after {attempt} attempts",
                 detail={"reason": why},
@@ -396,7 +426,7 @@ class Reconciler:
             rt.pool,
             gid,
             attempt=attempt,
-            allowed_from=frozenset({Status.SUBMITTED, Status.PROCESSING}),
+            allowed_from=seen,
             detail={"reason": why},
             next_check_at=next_attempt_due(attempt, rt.settings),
         )

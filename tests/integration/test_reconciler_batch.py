@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
-from core import lifecycle
+from core import heartbeats, lifecycle
 from core.events import DATA_FIELD, ProviderCancel, UserEvent
 from core.keys import GROUP_GPU_WORKERS
 from core.lifecycle import Status
@@ -313,3 +314,50 @@ async def test_a_row_that_moved_on_is_not_extended(rt: Runtime, alice: UserAuth)
         assert lo > 290
         assert await check_of(rt, redispatched) == before[redispatched]
         assert await check_of(rt, completed) is None
+
+
+async def _taken_by(rt: Runtime, worker: str, ids: list[uuid.UUID], *, names: bool) -> None:
+    """Jobs read from the local queue by ``worker`` (pending, not acked), before any
+    processing report: its heartbeat names them when ``names``, else it holds nothing."""
+    stream = rt.settings.keys.jobs_local
+    await rt.redis.xgroup_create(stream, GROUP_GPU_WORKERS, id="$", mkstream=True)
+    for gid in ids:
+        await rt.redis.xadd(stream, {DATA_FIELD: str(gid).encode()})
+    await rt.redis.xreadgroup(GROUP_GPU_WORKERS, worker, {stream: ">"}, count=len(ids))
+    in_hand = heartbeats.InHand()
+    for gid in ids if names else ():
+        in_hand.jobs.add(heartbeats.job_ref(gid, 1))
+    await rt.redis.set(rt.settings.keys.worker_heartbeat(worker), in_hand.value(), ex=60)
+
+
+@pytest.mark.parametrize("names", [True, False])
+async def test_a_submitted_job_a_live_worker_took_is_not_lost(
+    rt: Runtime, alice: UserAuth, names: bool
+) -> None:
+    """Its queue has no backlog and its processing report has not landed yet (a slow
+    machine, or a job within worker_processing_after_s): the worker's heartbeat names it,
+    so it is left alone; a worker that holds something else does not save it."""
+    ids = await _stuck(rt, alice, 3, "submitted")
+    await _taken_by(rt, "worker-a", ids, names=names)
+    counts = await Reconciler(rt).tick()
+    if names:
+        assert counts["retry"] == 0
+        assert await _states(rt, ids) == {("submitted", 1)}
+    else:
+        assert counts["retry"] == len(ids)
+        assert await _retry_reasons(rt, ids) == {"job_lost"}
+
+
+@pytest.mark.parametrize("last_attempt", [False, True])
+async def test_a_job_found_gone_is_not_retried_once_it_moved_on(
+    rt: Runtime, alice: UserAuth, last_attempt: bool
+) -> None:
+    """Found submitted with no backlog, then its processing report landed before the
+    retry's write: the write is fenced by the status the job was found in, so the live
+    job is neither retried nor failed."""
+    attempt = rt.settings.max_attempts if last_attempt else 1
+    (gid,) = await _stuck(rt, alice, 1, "submitted", attempt=attempt)
+    seen = await _row(rt, gid)
+    assert await lifecycle.transition(rt.pool, gid, attempt=attempt, to=Status.PROCESSING)
+    assert sum((await Reconciler(rt)._retry([(seen, "job_lost")])).values()) == 0
+    assert await _states(rt, [gid]) == {("processing", attempt)}
