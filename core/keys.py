@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -69,3 +70,21 @@ GROUP_THUMBNAILERS = "thumbnailers"
 GROUP_HOSTED = "hosted-runners"
 GROUP_RESULTS = "result-fetchers"
 GROUP_CANCELS = "cancellers"
+
+
+def runners_group(provider: str) -> str:
+    """The group a queue provider's runners read ``Keys.jobs(provider)`` with."""
+    return GROUP_GPU_WORKERS if provider == "local" else GROUP_HOSTED
+
+
+def consumer_groups(keys: Keys, providers: Iterable[str]) -> list[tuple[str, str]]:
+    """Every (stream, group) a gengui process reads, with the job queues of
+    ``providers``."""
+    return [
+        (keys.requested, GROUP_DISPATCHERS),
+        (keys.job_status, GROUP_STATUS),
+        (keys.thumbnails, GROUP_THUMBNAILERS),
+        (keys.results, GROUP_RESULTS),
+        (keys.cancels, GROUP_CANCELS),
+        *((keys.jobs(p), runners_group(p)) for p in providers),
+    ]

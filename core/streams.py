@@ -102,6 +102,36 @@ class Publisher:
         return await publish_user_event(self.redis, self.keys, user_id, event)
 
 
+# Consumers of a group that have nothing pending and have not read for ARGV[2] ms, deleted
+# (ARGV[3]: only that one): checked and deleted in one step, so no read can take an
+# entry in between. A deleted consumer that reads again is simply made anew; one with
+# entries pending is kept (its entries are reclaimed by idle time). Returns how many.
+_PRUNE = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local n = 0
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2])
+      and (ARGV[3] == '' or f['name'] == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+async def prune_consumers(
+    redis: SharedRedis, stream: str, group: str, *, idle_ms: int, only: str = ""
+) -> int:
+    """Delete the group's consumers with nothing pending, idle ``idle_ms`` or more (just
+    ``only``, when named): a process that stopped or crashed leaves its consumer in every
+    group it read, and Redis keeps them for good. Returns how many went."""
+    return int(await redis.eval(_PRUNE, 1, stream, group, idle_ms, only))
+
+
 @dataclass(frozen=True)
 class ConsumerConfig:
     stream: str
@@ -250,7 +280,16 @@ class StreamConsumer(Generic[M]):
             stopping.cancel()
             # The consumer owns its dedicated connection: nothing else may use it.
             await self.reader.aclose()
+            if stopped:
+                await self._leave()
         log.info("consumer.stopped", stream=cfg.stream, group=cfg.group, consumer=cfg.consumer)
+
+    async def _leave(self) -> None:
+        """A clean stop leaves the group, unless entries are still pending (a failed ack:
+        they are reclaimed, and the janitor deletes the consumer once they are)."""
+        cfg = self.config
+        with contextlib.suppress(Exception):  # Redis away: the janitor's pass does it
+            await prune_consumers(self.ops, cfg.stream, cfg.group, idle_ms=0, only=cfg.consumer)
 
     async def _read(self, stopping: asyncio.Future[Any], count: int) -> Any:
         """One XREADGROUP BLOCK, abandoned when stop is asked (returns []): shutdown never

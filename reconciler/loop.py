@@ -63,7 +63,7 @@ from redis.exceptions import ResponseError
 from consumers.results import apply_outcome
 from core import heartbeats, lifecycle, metrics
 from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested, UserEventType
-from core.keys import GROUP_GPU_WORKERS, GROUP_HOSTED
+from core.keys import runners_group
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify_many
@@ -311,7 +311,7 @@ class Reconciler:
         """A queue's backlog (entries no runner took yet: a slow queue, not a lost job)
         and its runners (the consumers of its group), in one round trip."""
         stream = self.rt.settings.keys.jobs(provider)
-        group = GROUP_GPU_WORKERS if provider == "local" else GROUP_HOSTED
+        group = runners_group(provider)
         async with self.rt.redis.pipeline(transaction=False) as pipe:
             pipe.xinfo_groups(stream)
             pipe.xinfo_consumers(stream, group)

@@ -1,4 +1,5 @@
-"""The janitor deletes sessions and tokens that can never be used again, after a while."""
+"""The janitor deletes sessions and tokens that can never be used again, after a while,
+and the stream consumers of processes that are gone."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import secrets
 from datetime import timedelta
 
 from core import janitor
+from core.keys import GROUP_GPU_WORKERS, GROUP_STATUS
 from core.runtime import Runtime
 from tests.conftest import UserAuth
 
@@ -91,3 +93,38 @@ async def test_purge_goes_on_past_one_chunk(rt: Runtime, alice: UserAuth) -> Non
     deleted = await janitor.purge(rt.pool, timedelta(days=7))
     assert deleted["sessions"] == janitor.CHUNK * 2 + 5
     assert await rt.pool.fetchval("SELECT count(*) FROM sessions") == 0
+
+
+async def _group_with(rt: Runtime, stream: str, group: str, pending: dict[str, int]) -> None:
+    """A group whose consumers took ``pending[name]`` entries each (0: read nothing)."""
+    await rt.redis.xgroup_create(stream, group, id="$", mkstream=True)
+    for name, n in pending.items():
+        await rt.redis.xgroup_createconsumer(stream, group, name)
+        for _ in range(n):
+            await rt.redis.xadd(stream, {"__data__": b"{}"})
+        if n:
+            await rt.redis.xreadgroup(group, name, {stream: ">"}, count=n)
+
+
+async def _left(rt: Runtime, stream: str, group: str) -> dict[str, int]:
+    found = await rt.redis.xinfo_consumers(stream, group)
+    return {c["name"].decode(): c["pending"] for c in found}
+
+
+async def test_prune_deletes_idle_consumers_with_nothing_pending(rt: Runtime) -> None:
+    keys = rt.settings.keys
+    await _group_with(rt, keys.job_status, GROUP_STATUS, {"gone": 0, "crashed": 2})
+    await _group_with(rt, keys.jobs_local, GROUP_GPU_WORKERS, {"worker-gone": 0, "busy": 1})
+    # Every one of them read just now: none idle for the default 15 minutes.
+    assert await janitor.prune_consumers(rt) == 0
+    assert await janitor.prune_consumers(rt, idle_s=0) == 2
+    # Those holding entries stay: their entries go to other consumers by idle time first.
+    assert await _left(rt, keys.job_status, GROUP_STATUS) == {"crashed": 2}
+    assert await _left(rt, keys.jobs_local, GROUP_GPU_WORKERS) == {"busy": 1}
+    await rt.redis.xack(
+        keys.jobs_local,
+        GROUP_GPU_WORKERS,
+        *[e[0] for e in (await rt.redis.xrange(keys.jobs_local))],
+    )
+    assert await janitor.prune_consumers(rt, idle_s=0) == 1
+    assert await _left(rt, keys.jobs_local, GROUP_GPU_WORKERS) == {}

@@ -339,6 +339,39 @@ async def test_continuous_consumer_finishes_messages_in_hand_on_stop(rt: Runtime
     assert await _pending(rt) == 0  # their acks went out before the loop returned
 
 
+async def _consumers(rt: Runtime) -> dict[str, int]:
+    """Group ``g``'s consumers and how many entries each has pending."""
+    found = await rt.redis.xinfo_consumers(rt.settings.keys.requested, "g")
+    return {c["name"].decode(): c["pending"] for c in found}
+
+
+async def test_a_clean_stop_leaves_the_group_a_kill_does_not(
+    rt: Runtime, msg: GenerationRequested
+) -> None:
+    """Every process is a new consumer: one that stops cleanly deletes itself from the
+    group; one killed mid-message keeps its pending entry for a reclaim."""
+    rec = Recorder()
+    async with consuming(rt, rec, name="leaver") as leaver:
+        await rt.publisher.send(rt.settings.keys.requested, msg)
+        await asyncio.wait_for(rec.event.wait(), 5)
+        assert await _consumers(rt) == {leaver.config.consumer: 0}
+    assert await _consumers(rt) == {}
+
+    async def hangs(m: GenerationRequested) -> None:
+        await asyncio.sleep(3600)
+
+    reader = dedicated_client(rt.redis_url)
+    victim = StreamConsumer(reader, rt.redis, _config(rt, "victim"), GenerationRequested, hangs)
+    task = asyncio.create_task(victim.run(asyncio.Event()))
+    await rt.publisher.send(rt.settings.keys.requested, msg)
+    await _until(lambda: _pending_is(rt, 1))
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await reader.aclose()
+    assert await _consumers(rt) == {victim.config.consumer: 1}
+
+
 async def _finished(gate: Gate, n: int) -> bool:
     return len(gate.finished) >= n
 
