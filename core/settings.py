@@ -335,7 +335,9 @@ class Settings(BaseSettings):
         gt=0,
         description=(
             "Time between two passes of the reconciler's janitor, which deletes expired "
-            "or revoked sessions, used or expired mailed tokens and dead API tokens."
+            "or revoked sessions, used or expired mailed tokens, dead API tokens, and "
+            "the stream consumers of processes that crashed (nothing pending, silent "
+            "for 15 minutes)."
         ),
     )
     janitor_keep_s: float = Field(
