@@ -20,9 +20,11 @@ Recoveries (each logged as ``reconciler.recovered`` with a reason):
 - ``retry``: a job that is gone -> a new attempt with backoff, or ``failed``
   (``exhausted``) after the last one. Gone means: a queue job whose stream holds no
   backlog any more and that no runner's heartbeat names (the message was lost), a
-  processing job whose runner's
-  heartbeat stopped or no longer names it (the runner finished it but its report was
-  lost: ``core.heartbeats``), or a remote job that never got a provider id;
+  processing job whose runner's heartbeat stopped or no longer names it (the runner
+  finished it but its report was lost: ``core.heartbeats``), or a remote job that
+  never got a provider id. A local job
+  found gone while the status stream still held reports not applied is retried only
+  once those are (its own may be among them: the status consumers behind, or down);
 - ``deadline``: past ``deadline_at`` -> ``failed`` (``timed_out``), and the provider's
   job is cancelled;
 - ``thumbnail``: completed without a thumbnail after a grace period -> asked again.
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +66,7 @@ from redis.exceptions import ResponseError
 from consumers.results import apply_outcome
 from core import heartbeats, lifecycle, metrics
 from core.events import GenerationRequested, ProviderCancel, ThumbnailRequested, UserEventType
-from core.keys import runners_group
+from core.keys import GROUP_STATUS, runners_group
 from core.lifecycle import Status
 from core.logging import get_logger
 from core.notify import notify_many
@@ -140,6 +143,33 @@ class _Plan:
 
     extend: list[asyncpg.Record] = field(default_factory=list)  # left alone, looked at later
     retry: list[tuple[asyncpg.Record, str]] = field(default_factory=list)  # (row, why gone)
+    recheck: list[asyncpg.Record] = field(default_factory=list)  # looked at again soon
+
+
+StreamId = tuple[int, int]
+_NO_ID: StreamId = (0, 0)
+# A suspect not seen again for this long has moved on (or another replica has it).
+_SUSPECT_FOR_S = 3600.0
+
+
+def _stream_id(value: bytes | str) -> StreamId:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """How far the status stream has been applied by its consumers."""
+
+    tip: StreamId  # the newest report in it
+    delivered: StreamId  # the newest report read by a status consumer
+    oldest_pending: StreamId | None  # the oldest report read but not applied (acked) yet
+
+    def through(self, last: StreamId) -> bool:
+        """Whether every report up to ``last`` has been applied."""
+        return self.delivered >= last and (
+            self.oldest_pending is None or self.oldest_pending > last
+        )
 
 
 @dataclass(frozen=True)
@@ -162,6 +192,9 @@ class Reconciler:
         self.grace = timedelta(seconds=s.dispatch_grace_s)
         self.thumbnail_grace = timedelta(seconds=s.thumbnail_grace_s)
         self._polls = asyncio.Semaphore(POLL_CONCURRENCY)
+        # Local jobs found gone while reports were still to be applied: (generation,
+        # attempt) -> (the status stream's newest id then, when; ``_unless_reported``).
+        self._suspects: dict[tuple[UUID, int], tuple[StreamId, float]] = {}
         # Queue and worker jobs are leased straight for their check interval; remote
         # jobs for the grace period, since their poll may take a while.
         self._leased_for_check = {
@@ -264,7 +297,54 @@ class Reconciler:
                 plan.extend.append(row)  # a long job on a live worker
             else:
                 plan.retry.append((row, "runner_gone"))
+        await self._unless_reported(plan)
         return await self._carry_out(plan)
+
+    async def _unless_reported(self, plan: _Plan) -> None:
+        """A local job no runner holds may have finished with its report still on its
+        way: in the status stream, not yet applied (the status consumers slow, or down
+        for a while). Such a job is retried only once every report that was in the
+        stream when it was first found gone has been applied; until then it is looked at
+        again every ``reconcile_interval_s``. Otherwise a consumers outage would have
+        every job that finished meanwhile run again, and its result dropped as stale."""
+        if not plan.retry:
+            return
+        applied = await self._status_applied()
+        gone: list[tuple[asyncpg.Record, str]] = []
+        for row, why in plan.retry:
+            ref = (row["id"], row["attempt"])
+            since = self._suspects.setdefault(ref, (applied.tip, time.monotonic()))[0]
+            if applied.through(since):
+                gone.append((row, why))
+                del self._suspects[ref]
+            else:
+                plan.recheck.append(row)
+        plan.retry = gone
+        # Rows that moved on are never seen again here: forget them after a while.
+        stale = time.monotonic() - _SUSPECT_FOR_S
+        for ref in [ref for ref, (_, at) in self._suspects.items() if at < stale]:
+            del self._suspects[ref]
+
+    async def _status_applied(self) -> _Applied:
+        """How far the status consumers have applied the status stream: one round trip."""
+        stream = self.rt.settings.keys.job_status
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, GROUP_STATUS)
+            info, groups, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(info, ResponseError):  # no stream: no report on its way
+            return _Applied(tip=_NO_ID, delivered=_NO_ID, oldest_pending=None)
+        delivered = _NO_ID  # no group yet: nothing was applied
+        for g in () if isinstance(groups, ResponseError) else groups:
+            if _text(g["name"]) == GROUP_STATUS:
+                delivered = _stream_id(g["last-delivered-id"])
+        oldest = None
+        if not isinstance(pending, ResponseError) and pending["pending"]:
+            oldest = _stream_id(pending["min"])
+        return _Applied(
+            tip=_stream_id(info["last-generated-id"]), delivered=delivered, oldest_pending=oldest
+        )
 
     async def _settle_remote(self, rows: Sequence[asyncpg.Record]) -> Counter[str]:
         """RunPod/Replicate jobs: those that never got a provider id are settled
@@ -287,7 +367,16 @@ class Reconciler:
 
     async def _carry_out(self, plan: _Plan) -> Counter[str]:
         await self._extend(plan.extend)
+        await self._recheck(plan.recheck)
         return await self._retry(plan.retry)
+
+    async def _recheck(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Rows found gone whose report may still land: looked at again next tick."""
+        if not rows:
+            return
+        due = lifecycle.due_in(timedelta(seconds=self.rt.settings.reconcile_interval_s))
+        changes = [lifecycle.Change(r["id"], r["attempt"], {"next_check_at": due}) for r in rows]
+        await lifecycle.reschedule(self.rt.pool, changes, _EXTENDED_FROM)
 
     async def _extend(self, rows: Sequence[asyncpg.Record]) -> None:
         """Rows left alone are looked at again after their provider's check interval.

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from core import heartbeats, lifecycle
 from core.events import DATA_FIELD, ProviderCancel, UserEvent
-from core.keys import GROUP_GPU_WORKERS
+from core.keys import GROUP_GPU_WORKERS, GROUP_STATUS
 from core.lifecycle import Status
 from core.runtime import Runtime
 from providers.base import Job
@@ -361,3 +361,42 @@ async def test_a_job_found_gone_is_not_retried_once_it_moved_on(
     assert await lifecycle.transition(rt.pool, gid, attempt=attempt, to=Status.PROCESSING)
     assert sum((await Reconciler(rt)._retry([(seen, "job_lost")])).values()) == 0
     assert await _states(rt, [gid]) == {("processing", attempt)}
+
+
+@pytest.mark.parametrize("unapplied", ["unread", "read, not acked"])
+async def test_a_gone_job_waits_for_the_reports_already_sent(
+    rt: Runtime, alice: UserAuth, unapplied: str
+) -> None:
+    """The status consumers are behind (or down): a report sent before the jobs were
+    found gone may be theirs, so they are looked at again soon instead of run again;
+    once every report sent by then is applied and they are still where they were, they
+    are retried, whatever was sent since."""
+    keys, s = rt.settings.keys, rt.settings
+    processing = await _stuck(rt, alice, 2, "processing")
+    await _ran_on(rt, processing, "worker-b")  # no heartbeat: its runner is gone
+    submitted = await _stuck(rt, alice, 2, "submitted")  # no backlog, no runner holds it
+    ids = processing + submitted
+    await rt.redis.xgroup_create(keys.job_status, GROUP_STATUS, id="$", mkstream=True)
+    await rt.redis.xadd(keys.job_status, {DATA_FIELD: b"{}"})
+    if unapplied != "unread":
+        await rt.redis.xreadgroup(GROUP_STATUS, "status-1", {keys.job_status: ">"}, count=1)
+    rec = Reconciler(rt)
+
+    assert (await rec.tick())["retry"] == 0
+    assert await _states(rt, ids) == {("processing", 1), ("submitted", 1)}
+    lo, hi = await _next_check_in_s(rt, ids)
+    assert 0 < lo <= hi <= s.reconcile_interval_s
+    # Still behind at the next look: still waiting.
+    await check_due(rt, *ids)
+    assert (await rec.tick())["retry"] == 0
+
+    # The old report applied; a newer one, unread, does not hold them back.
+    await rt.redis.xreadgroup(GROUP_STATUS, "status-1", {keys.job_status: ">"}, count=1)
+    (old_id,) = [e[0] for e in await rt.redis.xrange(keys.job_status)]
+    await rt.redis.xack(keys.job_status, GROUP_STATUS, old_id)
+    await rt.redis.xadd(keys.job_status, {DATA_FIELD: b"{}"})
+    await check_due(rt, *ids)
+    assert (await rec.tick())["retry"] == len(ids)
+    assert await _states(rt, ids) == {("queued", 2)}
+    assert await _retry_reasons(rt, processing) == {"runner_gone"}
+    assert await _retry_reasons(rt, submitted) == {"job_lost"}
