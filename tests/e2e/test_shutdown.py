@@ -429,6 +429,39 @@ async def test_reconciler_leaves_the_job_of_a_stopping_worker_alone(
         raise
 
 
+async def test_jobs_finished_while_the_status_consumers_are_down_are_not_run_again(
+    stack: Procs, pool: asyncpg.Pool, redis: SharedRedis
+) -> None:
+    """Workers finish their jobs while no status consumer runs: their reports wait in
+    the stream, the workers no longer hold the jobs, and the reconciler keeps looking at
+    them as due. It must not start attempt 2 of any: once the status consumers are back
+    each completes under attempt 1, with one image."""
+    n = 5
+    stack.env.update(GENGUI_LOCAL_CHECK_S="0.5", GENGUI_RETRY_BASE_S="60")
+    try:
+        user_id, token = await start(
+            stack, ("api", "api"), ("worker", "worker"), ("reconciler", "reconciler")
+        )
+        await submit(base_url(stack), token, n)
+
+        async def reported() -> int:
+            entries = await redis.xrange(keys(stack).job_status)
+            return sum(b'"state":"completed"' in fields[b"__data__"] for _, fields in entries)
+
+        async with asyncio.timeout(SETTLE_WITHIN_S):
+            while await reported() < n:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(3.0)  # every job due again several times meanwhile
+        assert {r["attempt"] for r in await rows(pool, user_id)} == {1}
+        stack.start("consumers", "consumers")
+        done = await wait_all_completed(pool, user_id, n)
+        assert all(r["attempt"] == 1 for r in done)
+        assert_one_image_each(stack, user_id, done)
+    except BaseException:
+        fail_with_logs(stack)
+        raise
+
+
 async def test_reconciler_sigterm_mid_tick_then_restart_recovers_each_row_once(
     stack: Procs, pool: asyncpg.Pool, redis: SharedRedis
 ) -> None:
