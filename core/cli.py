@@ -334,7 +334,7 @@ def _config(args: argparse.Namespace) -> int:
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Fewer, cheaper garbage collections for a long-lived service process."""
     gc.collect()
     gc.freeze()  # what exists before serving (modules, schemas) is never garbage
@@ -343,7 +343,7 @@ def _tune_gc() -> None:
 
 def _serve(service: Coroutine[Any, Any, None]) -> None:
     """Run a long-lived service on uvloop where it is installed (not on Windows)."""
-    _tune_gc()
+    tune_gc()
     try:
         import uvloop
     except ImportError:

@@ -11,7 +11,7 @@ from core.cli import GC_THRESHOLDS
 
 def test_a_service_process_freezes_its_startup_objects_and_raises_the_thresholds() -> None:
     code = (
-        "import gc, json; from core.cli import _tune_gc; _tune_gc(); "
+        "import gc, json; from core.cli import tune_gc; tune_gc(); "
         "print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))"
     )
     out = subprocess.run(
