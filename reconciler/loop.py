@@ -320,6 +320,9 @@ class Reconciler:
             else:
                 plan.recheck.append(row)
         plan.retry = gone
+        if plan.recheck:
+            # The status consumers are behind or down: say so, retries are held back.
+            log.info("reconciler.waiting_for_reports", count=len(plan.recheck))
         # Rows that moved on are never seen again here: forget them after a while.
         stale = time.monotonic() - _SUSPECT_FOR_S
         for ref in [ref for ref, (_, at) in self._suspects.items() if at < stale]:

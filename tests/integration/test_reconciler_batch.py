@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+import structlog.testing
 from pydantic import SecretStr
 
 from core import heartbeats, lifecycle
@@ -382,7 +383,9 @@ async def test_a_gone_job_waits_for_the_reports_already_sent(
         await rt.redis.xreadgroup(GROUP_STATUS, "status-1", {keys.job_status: ">"}, count=1)
     rec = Reconciler(rt)
 
-    assert (await rec.tick())["retry"] == 0
+    with structlog.testing.capture_logs() as logs:
+        assert (await rec.tick())["retry"] == 0
+    assert [e["count"] for e in logs if e["event"] == "reconciler.waiting_for_reports"] == [4]
     assert await _states(rt, ids) == {("processing", 1), ("submitted", 1)}
     lo, hi = await _next_check_in_s(rt, ids)
     assert 0 < lo <= hi <= s.reconcile_interval_s
