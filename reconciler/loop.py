@@ -193,8 +193,10 @@ class Reconciler:
         self.thumbnail_grace = timedelta(seconds=s.thumbnail_grace_s)
         self._polls = asyncio.Semaphore(POLL_CONCURRENCY)
         # Local jobs found gone while reports were still to be applied: (generation,
-        # attempt) -> (the status stream's newest id then, when; ``_unless_reported``).
+        # attempt) -> (the status stream's newest id then, when last seen waiting;
+        # ``_unless_reported``).
         self._suspects: dict[tuple[UUID, int], tuple[StreamId, float]] = {}
+        self._clock = time.monotonic
         # Queue and worker jobs are leased straight for their check interval; remote
         # jobs for the grace period, since their poll may take a while.
         self._leased_for_check = {
@@ -310,21 +312,23 @@ class Reconciler:
         if not plan.retry:
             return
         applied = await self._status_applied()
+        now = self._clock()
         gone: list[tuple[asyncpg.Record, str]] = []
         for row, why in plan.retry:
             ref = (row["id"], row["attempt"])
-            since = self._suspects.setdefault(ref, (applied.tip, time.monotonic()))[0]
+            since = self._suspects.get(ref, (applied.tip, now))[0]
             if applied.through(since):
                 gone.append((row, why))
-                del self._suspects[ref]
+                self._suspects.pop(ref, None)
             else:
+                self._suspects[ref] = (since, now)  # seen now: kept while it waits
                 plan.recheck.append(row)
         plan.retry = gone
         if plan.recheck:
             # The status consumers are behind or down: say so, retries are held back.
             log.info("reconciler.waiting_for_reports", count=len(plan.recheck))
         # Rows that moved on are never seen again here: forget them after a while.
-        stale = time.monotonic() - _SUSPECT_FOR_S
+        stale = now - _SUSPECT_FOR_S
         for ref in [ref for ref, (_, at) in self._suspects.items() if at < stale]:
             del self._suspects[ref]
 

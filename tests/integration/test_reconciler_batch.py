@@ -403,3 +403,31 @@ async def test_a_gone_job_waits_for_the_reports_already_sent(
     assert await _states(rt, ids) == {("queued", 2)}
     assert await _retry_reasons(rt, processing) == {"runner_gone"}
     assert await _retry_reasons(rt, submitted) == {"job_lost"}
+
+
+async def test_a_job_waiting_for_reports_keeps_its_place_however_long(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """Looked at again and again while the status consumers stay behind, past the hour
+    after which a suspect not seen is forgotten: it keeps the stream position it was
+    first found gone at, so newer reports never hold it back."""
+    keys = rt.settings.keys
+    (gid,) = await _stuck(rt, alice, 1, "processing")
+    await _ran_on(rt, [gid], "worker-b")
+    await rt.redis.xgroup_create(keys.job_status, GROUP_STATUS, id="$", mkstream=True)
+    first = await rt.redis.xadd(keys.job_status, {DATA_FIELD: b"{}"})
+    rec = Reconciler(rt)
+    now = [0.0]
+    rec._clock = lambda: now[0]
+    for minutes in (0, 50, 100):  # seen every 50 minutes, each time with a newer report
+        now[0] = minutes * 60.0
+        await check_due(rt, gid)
+        assert (await rec.tick())["retry"] == 0
+        await rt.redis.xadd(keys.job_status, {DATA_FIELD: b"{}"})
+    # The report that was there first is applied; the newer ones are not.
+    await rt.redis.xreadgroup(GROUP_STATUS, "status-1", {keys.job_status: ">"}, count=1)
+    await rt.redis.xack(keys.job_status, GROUP_STATUS, first)
+    now[0] = 150 * 60.0
+    await check_due(rt, gid)
+    assert (await rec.tick())["retry"] == 1
+    assert await _states(rt, [gid]) == {("queued", 2)}
