@@ -62,8 +62,11 @@ def consumer_loops(
             read = {"pipeline": rt.settings.consumer_pipeline, "batch": rt.settings.status_batch}
             spec = (keys.job_status, GROUP_STATUS, JobStatus, processor.handle, read)
         elif role == "thumbnails":
-            # CPU-bound: one thread per core is all concurrency buys here.
-            handler = Thumbnailer(rt).handle
+            thumbnailer = Thumbnailer(rt)
+            batch_handler = thumbnailer.handle_batch
+            # CPU-bound: one thread per core is all concurrency buys here (the batch
+            # handler bounds its own; this is for the requests it leaves).
+            handler = thumbnailer.handle
             spec = (keys.thumbnails, GROUP_THUMBNAILERS, ThumbnailRequested, handler, {})
             spec[4]["concurrency"] = 2
         elif role == "results":
