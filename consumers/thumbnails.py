@@ -104,20 +104,22 @@ class Thumbnailer:
         key = thumbnail_key(req.user_id, req.generation_id, req.attempt)
         px = self.rt.settings.thumbnail_px
         try:
-            async with self._cpu:
-                if isinstance(storage, LocalStorage):
-                    local = storage
+            if isinstance(storage, LocalStorage):
+                local = storage
 
-                    def render() -> str:  # one thread hop: read, resize, write
-                        source = local.local_path(req.image_key)
-                        assert source is not None
-                        return local.write_file(key, make_thumbnail(source.read_bytes(), px))
+                def render() -> str:  # one thread hop: read, resize, write
+                    source = local.local_path(req.image_key)
+                    assert source is not None
+                    return local.write_file(key, make_thumbnail(source.read_bytes(), px))
 
+                async with self._cpu:
                     return _Made(req, key, await asyncio.to_thread(render))
-                data = await storage.get(req.image_key)
+            # A remote store: its transfers do not hold a CPU slot.
+            data = await storage.get(req.image_key)
+            async with self._cpu:
                 thumb = await asyncio.to_thread(make_thumbnail, data, px)
-                await storage.put(key, thumb, "image/webp")
-                return _Made(req, key, None)
+            await storage.put(key, thumb, "image/webp")
+            return _Made(req, key, None)
         except (ObjectNotFound, FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return _MISSING
         except ImageRejected as exc:
