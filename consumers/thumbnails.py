@@ -8,9 +8,10 @@ A read is handled as a batch (``handle_batch``): its images are made ``CPU_SLOTS
 time, each local file's read, resize and write in one thread hop; the files are made
 durable by one shared sync; every thumbnail is attached by one ``UPDATE ... FROM
 unnest``, the partial files of the batch's generations discarded in one call, and the
-``thumbnail.ready`` notices go out with the batch's XACK. One at a time (``handle``),
+``thumbnail.ready`` notices go out with the batch's XACK. One at a time, as before,
 each thumbnail waited on its own sync, transaction and script call: 720 a second on
-the bench machine where the rest of the pipeline did 2,500 (bench/README.md).
+the bench machine where the rest of the pipeline did 2,500 (bench/README.md); ``handle``
+is now the batch path for one request.
 """
 
 from __future__ import annotations
@@ -26,27 +27,16 @@ from core import lifecycle
 from core.events import ThumbnailRequested
 from core.imaging import ImageRejected, make_thumbnail
 from core.logging import get_logger
-from core.notify import Outbox, notify
+from core.notify import Outbox
 from core.runtime import Runtime
 from core.storage import LocalStorage, ObjectNotFound, generation_prefix, thumbnail_key
 
 log = get_logger(__name__)
 
 
-# The thumbnail attached, and with it the generation whole: no check is left, the
-# reconciler has nothing more to ask for.
+# Each thumbnail (generation, image it was made from, thumbnail key) attached, and with
+# it the generation whole: no check is left, the reconciler has nothing more to ask for.
 _ATTACH = f"""
-    WITH upd AS (
-        UPDATE generations SET thumbnail_key = $3, updated_at = now()
-         WHERE id = $1 AND image_key = $2 AND status = 'completed'
-     RETURNING *
-    ){lifecycle.check_cte(None)}
-    SELECT * FROM upd
-"""
-
-
-# The same for a batch: each (generation, image it was made from, thumbnail key).
-_ATTACH_MANY = f"""
     WITH v AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) AS v(id, image_key, thumb)
     ), upd AS (
@@ -135,16 +125,19 @@ class Thumbnailer:
         if isinstance(storage, LocalStorage):
             await asyncio.gather(*(storage.durable(m.path) for m in made if m.path is not None))
         rows = await self.rt.pool.fetch(
-            _ATTACH_MANY,
+            _ATTACH,
             [m.request.generation_id for m in made],
             [m.request.image_key for m in made],
             [m.key for m in made],
         )
-        attached = {row["id"] for row in rows}
-        stale = [m.key for m in made if m.request.generation_id not in attached]
+        # By key, not generation: a batch may hold a stale attempt's request beside the
+        # current one's for the same generation.
+        attached = {(row["id"], row["thumbnail_key"]) for row in rows}
+        stale = [m.key for m in made if (m.request.generation_id, m.key) not in attached]
         await asyncio.gather(*(storage.delete(key) for key in stale))
         # The generations are whole now: a thumbnailer or worker killed mid-write
-        # earlier left partial files nothing else will clear (see ``handle``).
+        # earlier left partial files nothing else will clear. A writer still running
+        # loses its rename and is retried, which finds the thumbnail in place.
         prefixes = [generation_prefix(row["user_id"], row["id"]) for row in rows]
         partials = await storage.discard_partials(*prefixes)
         if partials:
@@ -152,38 +145,17 @@ class Thumbnailer:
         return list(rows)
 
     async def handle(self, msg: ThumbnailRequested) -> None:
+        """One request (one the batch left, or each of a batch that failed): the batch
+        path for it alone; an image that is missing is a stale request (the generation
+        has another image now) or an error, raised so the request is tried again."""
         structlog.contextvars.bind_contextvars(
             generation_id=str(msg.generation_id), attempt=msg.attempt
         )
-        rt = self.rt
-        try:
-            data = await rt.storage.get(msg.image_key)
-        except ObjectNotFound:
-            current = await rt.pool.fetchval(
-                "SELECT image_key FROM generations WHERE id = $1", msg.generation_id
-            )
-            if current != msg.image_key:
-                return  # stale request: that image is gone for good reason
-            raise
-        try:
-            thumb = await asyncio.to_thread(make_thumbnail, data, rt.settings.thumbnail_px)
-        except ImageRejected as exc:
-            log.error("thumbnail.rejected", code=exc.code)
+        if not await self.handle_batch([msg]):
             return
-        key = thumbnail_key(msg.user_id, msg.generation_id, msg.attempt)
-        await rt.storage.put(key, thumb, "image/webp")
-        row = await rt.pool.fetchrow(
-            _ATTACH,
-            msg.generation_id,
-            msg.image_key,
-            key,
+        current = await self.rt.pool.fetchval(
+            "SELECT image_key FROM generations WHERE id = $1", msg.generation_id
         )
-        if row is None:
-            await rt.storage.delete(key)
-            return
-        # The generation is whole now: a thumbnailer or worker killed mid-write earlier
-        # left a partial file nothing else will clear. A writer still running loses
-        # its rename and is retried, which finds the thumbnail in place.
-        partials = await rt.storage.discard_partials(generation_prefix(row["user_id"], row["id"]))
-        log.info("thumbnail.ready", partials_discarded=partials)
-        await notify(rt.publisher, row, "thumbnail.ready")
+        if current != msg.image_key:
+            return  # stale request: that image is gone for good reason
+        raise ObjectNotFound(msg.image_key)

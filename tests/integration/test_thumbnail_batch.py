@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import uuid
 
+import pytest
 from PIL import Image
 
 from consumers.thumbnails import Thumbnailer
 from core.events import DATA_FIELD, ThumbnailRequested, UserEvent
 from core.runtime import Runtime
-from core.storage import original_key, thumbnail_key
+from core.storage import ObjectNotFound, original_key, thumbnail_key
 from tests.conftest import UserAuth
 
 
@@ -54,9 +55,11 @@ async def test_a_batch_attaches_each_thumbnail_and_tells_each_once(
     good = [await _completed(rt, alice) for _ in range(5)]
     for gid in good:
         await storage.put(original_key(alice.user_id, gid, 1, "png"), _png(), "image/png")
-    # Attempt 2 won meanwhile: a request for attempt 1's image is stale.
+    # Attempt 2 won meanwhile: a request for attempt 1's image is stale, in the same batch
+    # as attempt 2's own request.
     stale = await _completed(rt, alice, attempt=2)
-    await storage.put(original_key(alice.user_id, stale, 1, "png"), _png(), "image/png")
+    for attempt in (1, 2):
+        await storage.put(original_key(alice.user_id, stale, attempt, "png"), _png(), "image/png")
     missing = await _completed(rt, alice)  # its image is not there (yet, or any more)
     rejected = await _completed(rt, alice)
     await storage.put(original_key(alice.user_id, rejected, 1, "png"), b"not an image", "x")
@@ -66,6 +69,7 @@ async def test_a_batch_attaches_each_thumbnail_and_tells_each_once(
     leftover = leftover.parent / ".tmp-killed"
     leftover.write_bytes(b"half a thumbnail")
     requests = [_request(alice, gid) for gid in [*good, stale, missing, rejected]]
+    requests.append(_request(alice, stale, attempt=2))
     requests.append(_request(alice, good[1]))  # delivered twice
 
     left = await Thumbnailer(rt).handle_batch(requests)
@@ -81,16 +85,30 @@ async def test_a_batch_attaches_each_thumbnail_and_tells_each_once(
         assert rows[gid]["thumbnail_key"] == thumbnail_key(alice.user_id, gid, 1)
         with Image.open(io.BytesIO(await storage.get(rows[gid]["thumbnail_key"]))) as im:
             assert im.format == "WEBP" and max(im.size) == rt.settings.thumbnail_px
-    assert all(rows[g]["thumbnail_key"] is None for g in (stale, missing, rejected))
+    assert rows[stale]["thumbnail_key"] == thumbnail_key(alice.user_id, stale, 2)
+    assert all(rows[g]["thumbnail_key"] is None for g in (missing, rejected))
     assert not await storage.exists(thumbnail_key(alice.user_id, stale, 1))
+    assert await storage.exists(thumbnail_key(alice.user_id, stale, 2))
     assert not leftover.exists()
     # The attached are whole: no check left; the others keep theirs.
     checked = {
         r["generation_id"]
         for r in await rt.pool.fetch("SELECT generation_id FROM generation_checks")
     }
-    assert checked == {stale, missing, rejected}
+    assert checked == {missing, rejected}
     entries = await rt.redis.xrange(rt.settings.keys.user_events(alice.user_id))
     told = [UserEvent.model_validate_json(f[DATA_FIELD]) for _, f in entries]
-    assert sorted(str(e.generation["id"]) for e in told) == sorted(map(str, good))
+    assert sorted(str(e.generation["id"]) for e in told) == sorted(map(str, [*good, stale]))
     assert {e.type for e in told} == {"thumbnail.ready"}
+
+
+async def test_one_request_whose_image_is_missing_is_stale_or_an_error(
+    rt: Runtime, alice: UserAuth
+) -> None:
+    """``handle``: a missing image that is still the generation's raises (the request is
+    tried again); one the generation no longer has is dropped."""
+    gid = await _completed(rt, alice, attempt=2)
+    await Thumbnailer(rt).handle(_request(alice, gid, attempt=1))  # stale: nothing raised
+    with pytest.raises(ObjectNotFound):
+        await Thumbnailer(rt).handle(_request(alice, gid, attempt=2))
+    assert not await rt.storage.list_keys(f"users/{alice.user_id}/generations/{gid}/")
